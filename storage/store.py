@@ -1,0 +1,487 @@
+"""The artifact store: every file the pipeline writes lives at `<root>/<stage>/<key>/`.
+
+Publishing protocol (why an artifact is either complete or absent):
+
+1. Files are written first, each to a temporary local file, hashed (sha256), then put under
+   its final name (local roots: `os.replace`, atomic; object stores: one PUT, atomic per
+   object).
+2. Sharded stages record each finished shard in `_journal/<name>.json` right after the shard
+   is put. A rerun after a crash reuses journaled shards (size re-checked) and rewrites the
+   rest, overwriting whatever partial files the crash left.
+3. `manifest.json` is written LAST and lists every file with size and sha256, plus the
+   parameters and inputs that made the key. It is the commit point: an artifact exists only
+   if its manifest does. Readers never look at a directory without one.
+
+Two runs publishing the same key at once write identical bytes (keys are content hashes), so
+whichever manifest lands last is as valid as the first: compare-and-publish is not needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import fsspec
+
+from storage.errors import ArtifactError, StoreError
+from storage.keys import canonical, content_key
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+JOURNAL_DIR = "_journal"
+ENV_ROOT = "EAGLE_PIPELINE_STORE"
+ENV_S3_ENDPOINT = "EAGLE_PIPELINE_S3_ENDPOINT"  # for MinIO / moto; credentials stay in env
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+_HASH_CHUNK = 1 << 20
+
+
+def default_root() -> str:
+    """`$EAGLE_PIPELINE_STORE`, else `./artifacts` under the working directory."""
+    return os.environ.get(ENV_ROOT) or os.path.abspath("artifacts")
+
+
+def check_name(name: str, what: str = "file name") -> str:
+    """Refuse names that could escape the artifact root (`..`, absolute paths, odd chars)."""
+    if not _SAFE_NAME.match(name) or ".." in name.split("/"):
+        raise ArtifactError(
+            f"{what} {name!r} is not a safe relative name inside the artifact root",
+            fix="use letters, digits, '.', '_', '-' and '/' only, with no '..' or leading '/'",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an artifact, as listed in its manifest."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """What tasks pass between each other: where an artifact is, never its contents."""
+
+    stage: str
+    key: str
+    url: str
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageRef:
+        return cls(stage=d["stage"], key=d["key"], url=d["url"], counts=dict(d.get("counts", {})))
+
+
+@dataclass
+class Manifest:
+    stage: str
+    key: str
+    files: dict[str, FileEntry]
+    params: Any = None
+    inputs: list[dict[str, str]] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+
+    def to_json(self) -> str:
+        doc = dataclasses.asdict(self)
+        doc["files"] = [dataclasses.asdict(f) for f in sorted(self.files.values(), key=_by_name)]
+        return json.dumps(doc, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        doc = json.loads(text)
+        files = {f["name"]: FileEntry(**f) for f in doc.pop("files")}
+        return cls(files=files, **doc)
+
+
+def _by_name(f: FileEntry) -> str:
+    return f.name
+
+
+def _sha256_file(path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+class ArtifactStore:
+    """A root URL (local path or any fsspec URL) holding `<stage>/<key>/` artifacts.
+
+    Credentials are never parameters: fsspec reads them from the environment or its config
+    (`AWS_ACCESS_KEY_ID`..., `~/.config/fsspec`). `EAGLE_PIPELINE_S3_ENDPOINT` points s3://
+    roots at MinIO or another S3 API server.
+    """
+
+    def __init__(self, root: str | None = None, storage_options: dict[str, Any] | None = None):
+        root = root or default_root()
+        opts = dict(storage_options or {})
+        protocol = fsspec.core.split_protocol(root)[0] or "file"
+        if protocol in ("s3", "s3a") and os.environ.get(ENV_S3_ENDPOINT):
+            opts.setdefault("client_kwargs", {}).setdefault(
+                "endpoint_url", os.environ[ENV_S3_ENDPOINT]
+            )
+        try:
+            self.fs, path = fsspec.core.url_to_fs(root, **opts)
+        except (ValueError, ImportError) as exc:
+            raise StoreError(
+                f"artifact root {root!r}: protocol {protocol!r} is not usable ({exc})",
+                fix="use a local path or an fsspec URL such as s3://bucket/prefix, gs://..., "
+                "memory://..., and install the protocol's package (s3fs, gcsfs, adlfs)",
+            ) from exc
+        self.is_local = protocol in ("file", "local")
+        self.root_path = os.path.abspath(path) if self.is_local else path.rstrip("/")
+        self.root = self.root_path if self.is_local else self.fs.unstrip_protocol(self.root_path)
+        self.storage_options = opts
+
+    # ---- addressing --------------------------------------------------------------------
+    def key(self, stage: str, params: Any, inputs: list[Any] | tuple = (), code: str = "1") -> str:
+        return content_key(stage, params, inputs, code)
+
+    def path(self, stage: str, key: str, name: str = "") -> str:
+        """fs path (no protocol) of a file of an artifact."""
+        base = f"{self.root_path}/{check_name(stage, 'stage')}/{check_name(key, 'key')}"
+        return f"{base}/{check_name(name)}" if name else base
+
+    def url(self, stage: str, key: str, name: str = "") -> str:
+        p = self.path(stage, key, name)
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
+    @classmethod
+    def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> tuple[
+        ArtifactStore, str, str
+    ]:
+        """Split an artifact URL `<root>/<stage>/<key>` into (store, stage, key)."""
+        parts = url.rstrip("/").rsplit("/", 2)
+        if len(parts) != 3:
+            raise ArtifactError(
+                f"{url!r} is not an artifact URL", fix="pass <root>/<stage>/<key>"
+            )
+        return cls(parts[0], storage_options), parts[1], parts[2]
+
+    # ---- reading -----------------------------------------------------------------------
+    def is_done(self, stage: str, key: str) -> bool:
+        return self._exists(self.path(stage, key, MANIFEST))
+
+    def manifest(self, stage: str, key: str) -> Manifest:
+        p = self.path(stage, key, MANIFEST)
+        try:
+            text = self._read_bytes(p).decode()
+        except FileNotFoundError as exc:
+            raise ArtifactError(
+                f"artifact {self.url(stage, key)} has no manifest (never finished, or deleted)",
+                fix="run its stage again; a crashed stage is resumed from its journal",
+            ) from exc
+        return Manifest.from_json(text)
+
+    def ref(self, stage: str, key: str) -> StageRef:
+        m = self.manifest(stage, key)
+        return StageRef(stage=stage, key=key, url=self.url(stage, key), counts=m.counts)
+
+    def list_files(self, ref: StageRef, prefix: str = "", suffix: str = "") -> list[str]:
+        """Names listed in the manifest (never a directory listing), sorted."""
+        m = self.manifest(ref.stage, ref.key)
+        return sorted(n for n in m.files if n.startswith(prefix) and n.endswith(suffix))
+
+    @contextlib.contextmanager
+    def open(self, ref: StageRef, name: str, verify: bool = False) -> Iterator[IO[bytes]]:
+        """Open a file of a published artifact for reading (streamed, not loaded).
+
+        verify=True checks its sha256 against the manifest first (one extra read).
+        """
+        if verify:
+            self.verify(ref, names=[name])
+        p = self.path(ref.stage, ref.key, name)
+        try:
+            with self.fs.open(p, "rb") as fh:
+                yield fh
+        except FileNotFoundError as exc:
+            raise ArtifactError(
+                f"{self.url(ref.stage, ref.key, name)} is listed but missing",
+                fix="delete the artifact's manifest.json and re-run its stage",
+            ) from exc
+
+    def read_bytes(self, ref: StageRef, name: str, verify: bool = True) -> bytes:
+        data = self._read_bytes(self.path(ref.stage, ref.key, name))
+        if verify:
+            entry = self.manifest(ref.stage, ref.key).files.get(name)
+            if entry is None:
+                raise ArtifactError(
+                    f"{name!r} is not listed in {self.url(ref.stage, ref.key, MANIFEST)}",
+                    fix="check the file name; list_files() shows what the artifact holds",
+                )
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise self._corrupt(ref, name)
+        return data
+
+    def read_json(self, ref: StageRef, name: str) -> Any:
+        return json.loads(self.read_bytes(ref, name))
+
+    def local_copy(self, ref: StageRef, name: str, dest_dir: str) -> str:
+        """A local path holding the file (the file itself on local roots)."""
+        if self.is_local:
+            return self.path(ref.stage, ref.key, name)
+        dest = os.path.join(dest_dir, name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        self.fs.get_file(self.path(ref.stage, ref.key, name), dest)
+        return dest
+
+    def local_dir(self, ref: StageRef, dest_dir: str) -> str:
+        """A local directory holding every file of the artifact (copied from remote roots)."""
+        if self.is_local:
+            return self.path(ref.stage, ref.key)
+        for name in self.list_files(ref):
+            self.local_copy(ref, name, dest_dir)
+        return dest_dir
+
+    def verify(self, ref: StageRef, names: list[str] | None = None) -> None:
+        """Check size and sha256 of files against the manifest; ArtifactError names the file."""
+        m = self.manifest(ref.stage, ref.key)
+        for name in names if names is not None else sorted(m.files):
+            entry = m.files.get(name)
+            if entry is None:
+                raise ArtifactError(
+                    f"{name!r} is not listed in {self.url(ref.stage, ref.key, MANIFEST)}",
+                    fix="check the file name",
+                )
+            h = hashlib.sha256()
+            size = 0
+            try:
+                with self.fs.open(self.path(ref.stage, ref.key, name), "rb") as fh:
+                    while chunk := fh.read(_HASH_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+            except FileNotFoundError as exc:
+                raise ArtifactError(
+                    f"{self.url(ref.stage, ref.key, name)} is listed in the manifest but missing",
+                    fix="delete the artifact's manifest.json and re-run its stage",
+                ) from exc
+            if size != entry.size or h.hexdigest() != entry.sha256:
+                raise self._corrupt(ref, name)
+
+    def _corrupt(self, ref: StageRef, name: str) -> ArtifactError:
+        return ArtifactError(
+            f"{self.url(ref.stage, ref.key, name)} does not match the checksum in its manifest "
+            "(corrupted or changed after publishing)",
+            fix=f"delete {self.url(ref.stage, ref.key, MANIFEST)} and re-run the stage "
+            "(use force=True / --force)",
+        )
+
+    # ---- writing -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def publish(
+        self,
+        stage: str,
+        key: str,
+        params: Any = None,
+        inputs: list[Any] | tuple = (),
+        force: bool = False,
+    ) -> Iterator[ArtifactWriter]:
+        """Write an artifact; its manifest is written only if the block finishes.
+
+        force=True drops the old manifest and journal first, so nothing old is reused.
+        """
+        if force:
+            self._rm(self.path(stage, key, MANIFEST))
+            self._rm(self.path(stage, key, JOURNAL_DIR), recursive=True)
+        writer = ArtifactWriter(self, stage, key)
+        yield writer
+        writer._commit(params, inputs)
+
+    # ---- low level ---------------------------------------------------------------------
+    def _exists(self, p: str) -> bool:
+        try:
+            return self.fs.exists(p)
+        except PermissionError as exc:
+            raise self._io_error(p, exc) from exc
+
+    def _read_bytes(self, p: str) -> bytes:
+        with self.fs.open(p, "rb") as fh:
+            return fh.read()
+
+    def _rm(self, p: str, recursive: bool = False) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.exists(p):
+                self.fs.rm(p, recursive=recursive)
+
+    def _put(self, local: str, p: str) -> None:
+        """Move a finished local temp file to its final place, atomically per file."""
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                os.replace(local, p) if _same_device(local, p) else _copy_replace(local, p)
+            else:
+                self.fs.put_file(local, p)
+        except OSError as exc:
+            raise self._io_error(p, exc) from exc
+
+    def _io_error(self, p: str, exc: Exception) -> StoreError:
+        reason = type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno == 28:
+            reason = "disk full"
+        elif isinstance(exc, PermissionError):
+            reason = "permission denied"
+        return StoreError(
+            f"cannot write {p} under artifact root {self.root}: {reason} ({exc})",
+            fix="free space, fix the permissions of the artifact root, or point --store / "
+            f"${ENV_ROOT} at a writable location",
+        )
+
+
+def _same_device(a: str, b: str) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(os.path.dirname(b)).st_dev
+    except OSError:
+        return False
+
+
+def _copy_replace(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    os.unlink(src)
+
+
+class ArtifactWriter:
+    """Writes the files of one artifact; see the module docstring for the protocol."""
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str):
+        self.store, self.stage, self.key = store, stage, key
+        self.url = store.url(stage, key)
+        self.files: dict[str, FileEntry] = {}
+        self.counts: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
+        self._journal = self._read_journal()
+        # Temp files are made next to the final place on local roots (atomic rename), in the
+        # system temp dir otherwise.
+        if store.is_local:
+            os.makedirs(store.path(stage, key), exist_ok=True)
+            self._tmp_dir = store.path(stage, key)
+        else:
+            self._tmp_dir = tempfile.gettempdir()
+
+    # -- shards and resume
+    def _read_journal(self) -> dict[str, FileEntry]:
+        jdir = self.store.path(self.stage, self.key, JOURNAL_DIR)
+        entries: dict[str, FileEntry] = {}
+        try:
+            names = self.store.fs.ls(jdir, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return entries
+        for p in names:
+            if not p.endswith(".json"):
+                continue
+            try:
+                entry = FileEntry(**json.loads(self.store._read_bytes(p)))
+            except (ValueError, TypeError, FileNotFoundError):
+                continue  # a torn journal write: that shard is simply redone
+            entries[entry.name] = entry
+        return entries
+
+    def has(self, name: str) -> bool:
+        """True if `name` was finished by an earlier (crashed) attempt and is still intact."""
+        entry = self._journal.get(name)
+        if entry is None:
+            return False
+        try:
+            size = self.store.fs.size(self.store.path(self.stage, self.key, name))
+        except FileNotFoundError:
+            return False
+        if size != entry.size:
+            return False
+        self.files[name] = entry
+        return True
+
+    # -- writing files
+    @contextlib.contextmanager
+    def local_file(self, name: str, journal: bool = False) -> Iterator[str]:
+        """Yield a local temp path to write `name` into; it is hashed and put on exit."""
+        check_name(name)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name.replace("/", "_"),
+                                   dir=self._tmp_dir)
+        os.close(fd)
+        try:
+            yield tmp
+            size, sha = _sha256_file(tmp)
+            self.store._put(tmp, self.store.path(self.stage, self.key, name))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        entry = FileEntry(name=name, size=size, sha256=sha)
+        self.files[name] = entry
+        if journal:
+            self._write_journal(entry)
+
+    def _write_journal(self, entry: FileEntry) -> None:
+        jname = f"{JOURNAL_DIR}/{entry.name.replace('/', '__')}.json"
+        data = json.dumps(dataclasses.asdict(entry)).encode()
+        self._put_bytes(jname, data)
+
+    def _put_bytes(self, name: str, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmp_dir)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            self.store._put(tmp, self.store.path(self.stage, self.key, name))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def write_bytes(self, name: str, data: bytes, journal: bool = False) -> FileEntry:
+        with self.local_file(name, journal=journal) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
+        return self.files[name]
+
+    def write_json(self, name: str, obj: Any) -> FileEntry:
+        return self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def write_file(self, name: str, write: Callable[[str], None], journal: bool = False) -> None:
+        """`write(local_path)` produces the file; used for safetensors, torch.save, parquet."""
+        with self.local_file(name, journal=journal) as tmp:
+            write(tmp)
+
+    def add_dir(self, local_dir: str, prefix: str = "") -> None:
+        """Copy every file of a local directory (e.g. a saved HF model) into the artifact."""
+        for base, _dirs, files in sorted(os.walk(local_dir)):
+            for fname in sorted(files):
+                src = os.path.join(base, fname)
+                rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                name = f"{prefix}/{rel}" if prefix else rel
+                with self.local_file(name) as tmp:
+                    shutil.copyfile(src, tmp)
+
+    # -- commit
+    def _commit(self, params: Any, inputs: list[Any] | tuple) -> None:
+        manifest = Manifest(
+            stage=self.stage,
+            key=self.key,
+            files=dict(self.files),
+            params=canonical(params) if params is not None else None,
+            inputs=[{"stage": i.stage, "key": i.key, "url": i.url} for i in inputs
+                    if isinstance(i, StageRef)],
+            counts=canonical(self.counts),
+            meta=canonical(self.meta),
+            created_at=time.time(),
+        )
+        self._put_bytes(MANIFEST, manifest.to_json().encode())
+        log.info("published %s (%d files)", self.url, len(self.files))

@@ -1,0 +1,49 @@
+"""Session fixtures shared by every test package.
+
+Prefect's test harness lives in tests/flows/conftest.py only (it starts a server).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# moto needs credentials to exist; they are fake and only ever reach the loopback server
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server (moto) on loopback, any free port."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request) -> str:
+    """A fresh bucket on the loopback S3 server; returns its s3:// root URL."""
+    import uuid
+
+    import boto3
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    monkeypatch.setenv("EAGLE_PIPELINE_S3_ENDPOINT", s3_endpoint)
+    import fsspec
+
+    fsspec.config.conf.pop("s3", None)
+    return f"s3://{bucket}/artifacts"
