@@ -19,7 +19,14 @@ KEY_LENGTH = 20  # hex chars (80 bits): collisions are out of reach for any real
 
 
 def canonical(value: Any) -> Any:
-    """A JSON-able value that is equal for equal parameters, whatever their Python type."""
+    """A JSON-able value that is equal for equal parameters, whatever their Python type.
+
+    An artifact reference (anything with `stage`, `key` and `url`, e.g. a StageRef) counts
+    only by stage and key: where the store lives and the artifact's counts never change what
+    a stage computes, so they must not change downstream keys.
+    """
+    if _is_ref(value):
+        return {"stage": value.stage, "key": value.key}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return {"__type__": type(value).__name__, **fields}
@@ -41,16 +48,29 @@ def canonical(value: Any) -> Any:
         return [canonical(v) for v in value]
     if isinstance(value, (set, frozenset)):
         return sorted(canonical(v) for v in value)
-    if hasattr(value, "key") and hasattr(value, "stage"):  # a StageRef-like input
-        return {"stage": value.stage, "key": value.key}
     raise TypeError(
         f"cannot build a content key from a {type(value).__name__}: use plain values, "
         "dataclasses, pydantic models, lists or dicts"
     )
 
 
+def _is_ref(value: Any) -> bool:
+    return all(hasattr(value, a) for a in ("stage", "key", "url")) and not isinstance(value, type)
+
+
 def content_key(stage: str, params: Any, inputs: Iterable[Any] = (), code: str = "1") -> str:
-    """Hash of the stage name, its parameters, the keys of its inputs and its code version."""
+    """Hash of the stage name, its parameters, the keys of its inputs and its code version.
+
+    Args:
+        stage: stage name (part of the key: two stages with equal parameters differ).
+        params: the stage's config (dataclass, pydantic model, dict, plain values).
+        inputs: StageRefs of the artifacts read (their stage and key count, not their URL),
+            or plain strings such as a model name.
+        code: the stage's CODE_VERSION; bump it when the stage's output changes.
+
+    Returns:
+        KEY_LENGTH lowercase hex characters.
+    """
     doc = {
         "stage": stage,
         "params": canonical(params),

@@ -31,8 +31,11 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
+    "float64": torch.float64,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
@@ -71,7 +74,10 @@ def bytes_to_tensor(data: bytes | memoryview, spec: TensorSpec) -> torch.Tensor:
     t = torch.from_numpy(arr)
     if dtype in _WORDS:
         t = t.view(dtype)
-    if t.numel() % max(math.prod(spec.inner_shape), 1):
+    per_row = math.prod(spec.inner_shape)
+    if per_row == 0:
+        return t.reshape(0, *spec.inner_shape)  # rows of zero-size tensors: row count is lost
+    if t.numel() % per_row:
         raise ArtifactError(
             f"{t.numel()} values do not fill rows of inner shape {spec.inner_shape}",
             fix="the shard is corrupt: delete its manifest and re-run the stage",
@@ -80,23 +86,48 @@ def bytes_to_tensor(data: bytes | memoryview, spec: TensorSpec) -> torch.Tensor:
 
 
 def build_table(
-    columns: Mapping[str, Sequence[Any]],
+    columns: Mapping[str, Sequence[Any] | pa.Array | pa.ChunkedArray],
     tensors: Mapping[str, Sequence[torch.Tensor]] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    schema: pa.Schema | None = None,
 ) -> pa.Table:
     """A table from plain columns plus tensor columns (one tensor per row, any leading size).
 
-    tensors[name][i] has shape [rows_i, *inner_shape]; all rows share dtype and inner_shape.
+    Args:
+        columns: plain columns, python lists or Arrow arrays.
+        tensors: tensors[name][i] has shape [rows_i, *inner_shape]; all rows of a column share
+            dtype and inner_shape (e.g. aux_hidden rows [T_i, 3H] bf16).
+        metadata: JSON-able dict stored in the schema metadata under `eagle.meta`.
+        schema: declared Arrow types of the plain columns (e.g. `input_ids: list<int32>`);
+            a column it lists is built with that type (ArtifactError if a value does not fit).
+            Without it, types are inferred (python ints become int64).
     """
-    arrays: dict[str, pa.Array] = {k: pa.array(v) for k, v in columns.items()}
+    arrays: dict[str, pa.Array | pa.ChunkedArray] = {}
+    for k, v in columns.items():
+        declared = schema.field(k).type if schema is not None and k in schema.names else None
+        try:
+            if isinstance(v, pa.Array | pa.ChunkedArray):
+                arrays[k] = v.cast(declared) if declared is not None else v
+            else:
+                arrays[k] = pa.array(v, type=declared)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise ArtifactError(
+                f"column {k!r} does not fit its declared type {declared} ({exc})",
+                fix="fix the values, or the schema passed to build_table",
+            ) from exc
     specs: dict[str, dict[str, Any]] = {}
     for name, rows in (tensors or {}).items():
         if not rows:
             raise ArtifactError(f"tensor column {name!r} is empty", fix="write at least one row")
         first = rows[0]
+        if first.dim() == 0:
+            raise ArtifactError(
+                f"tensor column {name!r}: row 0 is a 0-d tensor",
+                fix="store per-row scalars as a plain column, or reshape them to [1]",
+            )
         spec = TensorSpec(dtype_name(first.dtype), tuple(first.shape[1:]))
         for i, t in enumerate(rows):
-            if t.dtype != first.dtype or tuple(t.shape[1:]) != spec.inner_shape:
+            if t.dim() == 0 or t.dtype != first.dtype or tuple(t.shape[1:]) != spec.inner_shape:
                 raise ArtifactError(
                     f"tensor column {name!r} row {i}: {t.dtype} {tuple(t.shape)} differs from "
                     f"row 0 ({first.dtype}, inner shape {spec.inner_shape})",
@@ -104,6 +135,12 @@ def build_table(
                 )
         arrays[name] = pa.array([tensor_bytes(t) for t in rows], type=pa.large_binary())
         specs[name] = {"dtype": spec.dtype, "inner_shape": list(spec.inner_shape)}
+    lengths = {k: len(a) for k, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ArtifactError(
+            f"columns have different row counts: {lengths}",
+            fix="give every column (plain and tensor) one entry per row",
+        )
     table = pa.table(arrays)
     meta = {TENSOR_META_KEY: json.dumps(specs).encode()}
     if metadata:
@@ -143,9 +180,7 @@ def tensor_specs(schema: pa.Schema) -> dict[str, TensorSpec]:
     raw = (schema.metadata or {}).get(TENSOR_META_KEY)
     if not raw:
         return {}
-    return {
-        k: TensorSpec(v["dtype"], tuple(v["inner_shape"])) for k, v in json.loads(raw).items()
-    }
+    return {k: TensorSpec(v["dtype"], tuple(v["inner_shape"])) for k, v in json.loads(raw).items()}
 
 
 def shard_metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -169,10 +204,15 @@ def iter_batches(
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
                 # keep the tensor specs on every batch so callers can decode
                 yield batch.replace_schema_metadata(
-                    {**(batch.schema.metadata or {}),
-                     TENSOR_META_KEY: json.dumps(
-                         {k: {"dtype": s.dtype, "inner_shape": list(s.inner_shape)}
-                          for k, s in specs.items()}).encode()}
+                    {
+                        **(batch.schema.metadata or {}),
+                        TENSOR_META_KEY: json.dumps(
+                            {
+                                k: {"dtype": s.dtype, "inner_shape": list(s.inner_shape)}
+                                for k, s in specs.items()
+                            }
+                        ).encode(),
+                    }
                 )
 
 

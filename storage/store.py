@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,9 @@ ENV_ROOT = "EAGLE_PIPELINE_STORE"
 ENV_S3_ENDPOINT = "EAGLE_PIPELINE_S3_ENDPOINT"  # for MinIO / moto; credentials stay in env
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _HASH_CHUNK = 1 << 20
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 24 * 3600  # a temp file this old belongs to no live writer, whoever made it
 
 
 def default_root() -> str:
@@ -138,9 +142,13 @@ class ArtifactStore:
         opts = dict(storage_options or {})
         protocol = fsspec.core.split_protocol(root)[0] or "file"
         if protocol in ("s3", "s3a") and os.environ.get(ENV_S3_ENDPOINT):
-            opts.setdefault("client_kwargs", {}).setdefault(
-                "endpoint_url", os.environ[ENV_S3_ENDPOINT]
-            )
+            client_kwargs = dict(opts.get("client_kwargs") or {})  # never mutate the caller's
+            client_kwargs.setdefault("endpoint_url", os.environ[ENV_S3_ENDPOINT])
+            opts["client_kwargs"] = client_kwargs
+        if protocol in _OBJECT_STORES:
+            # fsspec caches directory listings per process: a worker that listed an artifact
+            # dir would not see a manifest another process published afterwards.
+            opts.setdefault("use_listings_cache", False)
         try:
             self.fs, path = fsspec.core.url_to_fs(root, **opts)
         except (ValueError, ImportError) as exc:
@@ -168,31 +176,38 @@ class ArtifactStore:
         return p if self.is_local else self.fs.unstrip_protocol(p)
 
     @classmethod
-    def for_url(cls, url: str, storage_options: dict[str, Any] | None = None) -> tuple[
-        ArtifactStore, str, str
-    ]:
+    def for_url(
+        cls, url: str, storage_options: dict[str, Any] | None = None
+    ) -> tuple[ArtifactStore, str, str]:
         """Split an artifact URL `<root>/<stage>/<key>` into (store, stage, key)."""
         parts = url.rstrip("/").rsplit("/", 2)
-        if len(parts) != 3:
-            raise ArtifactError(
-                f"{url!r} is not an artifact URL", fix="pass <root>/<stage>/<key>"
-            )
-        return cls(parts[0], storage_options), parts[1], parts[2]
+        if len(parts) != 3 or not parts[0] or parts[0].endswith(":/"):
+            raise ArtifactError(f"{url!r} is not an artifact URL", fix="pass <root>/<stage>/<key>")
+        root, stage, key = parts
+        check_name(stage, "stage"), check_name(key, "key")
+        return cls(root, storage_options), stage, key
 
     # ---- reading -----------------------------------------------------------------------
     def is_done(self, stage: str, key: str) -> bool:
+        """True once the artifact's manifest exists (it is written last)."""
         return self._exists(self.path(stage, key, MANIFEST))
 
     def manifest(self, stage: str, key: str) -> Manifest:
         p = self.path(stage, key, MANIFEST)
         try:
             text = self._read_bytes(p).decode()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise ArtifactError(
                 f"artifact {self.url(stage, key)} has no manifest (never finished, or deleted)",
                 fix="run its stage again; a crashed stage is resumed from its journal",
             ) from exc
-        return Manifest.from_json(text)
+        try:
+            return Manifest.from_json(text)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ArtifactError(
+                f"{self.url(stage, key, MANIFEST)} is not a valid manifest ({exc})",
+                fix="delete it and re-run the stage (use force=True / --force)",
+            ) from exc
 
     def ref(self, stage: str, key: str) -> StageRef:
         m = self.manifest(stage, key)
@@ -213,16 +228,28 @@ class ArtifactStore:
             self.verify(ref, names=[name])
         p = self.path(ref.stage, ref.key, name)
         try:
-            with self.fs.open(p, "rb") as fh:
-                yield fh
+            fh = self.fs.open(p, "rb")
         except FileNotFoundError as exc:
+            # only the open is guarded: a FileNotFoundError raised by the caller's own code
+            # inside the with-block must not be reported as a missing artifact file
             raise ArtifactError(
-                f"{self.url(ref.stage, ref.key, name)} is listed but missing",
-                fix="delete the artifact's manifest.json and re-run its stage",
+                f"{self.url(ref.stage, ref.key, name)} is missing",
+                fix="check the name with list_files(); if it is listed, delete the artifact's "
+                "manifest.json and re-run its stage",
             ) from exc
+        with fh:
+            yield fh
 
     def read_bytes(self, ref: StageRef, name: str, verify: bool = True) -> bytes:
-        data = self._read_bytes(self.path(ref.stage, ref.key, name))
+        """The whole file (small files only); verify=True checks its sha256 (default)."""
+        try:
+            data = self._read_bytes(self.path(ref.stage, ref.key, name))
+        except FileNotFoundError as exc:
+            raise ArtifactError(
+                f"{self.url(ref.stage, ref.key, name)} is missing",
+                fix="check the name with list_files(); if it is listed, delete the artifact's "
+                "manifest.json and re-run its stage",
+            ) from exc
         if verify:
             entry = self.manifest(ref.stage, ref.key).files.get(name)
             if entry is None:
@@ -301,8 +328,10 @@ class ArtifactStore:
 
         force=True drops the old manifest and journal first, so nothing old is reused.
         """
+        # An artifact being (re)written is not done: its old manifest would describe files
+        # this run may overwrite, and survive a crash of this run.
+        self._rm(self.path(stage, key, MANIFEST))
         if force:
-            self._rm(self.path(stage, key, MANIFEST))
             self._rm(self.path(stage, key, JOURNAL_DIR), recursive=True)
         writer = ArtifactWriter(self, stage, key)
         yield writer
@@ -320,15 +349,26 @@ class ArtifactStore:
             return fh.read()
 
     def _rm(self, p: str, recursive: bool = False) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if self.fs.exists(p):
                 self.fs.rm(p, recursive=recursive)
+        except FileNotFoundError:
+            pass  # removed by someone else in between: the goal is reached
+        except OSError as exc:
+            raise self._io_error(p, exc) from exc
 
     def _put(self, local: str, p: str) -> None:
-        """Move a finished local temp file to its final place, atomically per file."""
+        """Move a finished local temp file to its final place, atomically per file.
+
+        Local: fsync then `os.replace` (a reader sees the old file or the new one, never a
+        torn one, even after a power loss). Object stores: one PUT (multipart uploads become
+        visible only when complete); there are no directories to create.
+        """
         try:
             if self.is_local:
                 os.makedirs(os.path.dirname(p), exist_ok=True)
+                with open(local, "rb+") as fh:
+                    os.fsync(fh.fileno())
                 os.replace(local, p) if _same_device(local, p) else _copy_replace(local, p)
             else:
                 self.fs.put_file(local, p)
@@ -341,6 +381,8 @@ class ArtifactStore:
             reason = "disk full"
         elif isinstance(exc, PermissionError):
             reason = "permission denied"
+        elif isinstance(exc, NotADirectoryError | FileExistsError):
+            reason = "a parent of the path is a file, not a directory"
         return StoreError(
             f"cannot write {p} under artifact root {self.root}: {reason} ({exc})",
             fix="free space, fix the permissions of the artifact root, or point --store / "
@@ -371,14 +413,21 @@ class ArtifactWriter:
         self.files: dict[str, FileEntry] = {}
         self.counts: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
-        self._journal = self._read_journal()
         # Temp files are made next to the final place on local roots (atomic rename), in the
         # system temp dir otherwise.
         if store.is_local:
-            os.makedirs(store.path(stage, key), exist_ok=True)
-            self._tmp_dir = store.path(stage, key)
+            base = store.path(stage, key)
+            try:
+                os.makedirs(base, exist_ok=True)
+                if not os.access(base, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "not writable", base)
+            except OSError as exc:
+                raise store._io_error(base, exc) from exc
+            self._tmp_dir = base
+            _remove_stale_temp_files(base)
         else:
             self._tmp_dir = tempfile.gettempdir()
+        self._journal = self._read_journal()
 
     # -- shards and resume
     def _read_journal(self) -> dict[str, FileEntry]:
@@ -393,22 +442,42 @@ class ArtifactWriter:
                 continue
             try:
                 entry = FileEntry(**json.loads(self.store._read_bytes(p)))
-            except (ValueError, TypeError, FileNotFoundError):
-                continue  # a torn journal write: that shard is simply redone
+            except (ValueError, TypeError, FileNotFoundError) as exc:
+                # journal entries are put atomically, so this is a foreign or damaged file:
+                # the shard it described is simply redone
+                log.warning("ignoring unreadable journal entry %s (%s)", p, exc)
+                continue
             entries[entry.name] = entry
         return entries
 
-    def has(self, name: str) -> bool:
-        """True if `name` was finished by an earlier (crashed) attempt and is still intact."""
+    @property
+    def journaled(self) -> list[str]:
+        """Names an earlier (crashed) attempt finished and journaled, sorted."""
+        return sorted(self._journal)
+
+    def has(self, name: str, verify: bool = False) -> bool:
+        """True if `name` was finished by an earlier (crashed) attempt and is still intact.
+
+        The size is always re-checked; verify=True also re-hashes the file (a full read).
+        A True answer adds the file to this artifact's manifest, so the caller skips it.
+        """
         entry = self._journal.get(name)
         if entry is None:
             return False
+        p = self.store.path(self.stage, self.key, name)
         try:
-            size = self.store.fs.size(self.store.path(self.stage, self.key, name))
-        except FileNotFoundError:
+            size = self.store.fs.size(p)
+        except (FileNotFoundError, NotADirectoryError):
             return False
         if size != entry.size:
             return False
+        if verify:
+            h = hashlib.sha256()
+            with self.store.fs.open(p, "rb") as fh:
+                while chunk := fh.read(_HASH_CHUNK):
+                    h.update(chunk)
+            if h.hexdigest() != entry.sha256:
+                return False
         self.files[name] = entry
         return True
 
@@ -417,8 +486,7 @@ class ArtifactWriter:
     def local_file(self, name: str, journal: bool = False) -> Iterator[str]:
         """Yield a local temp path to write `name` into; it is hashed and put on exit."""
         check_name(name)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name.replace("/", "_"),
-                                   dir=self._tmp_dir)
+        fd, tmp = self._mkstemp(suffix="-" + name.replace("/", "_"))
         os.close(fd)
         try:
             yield tmp
@@ -437,8 +505,17 @@ class ArtifactWriter:
         data = json.dumps(dataclasses.asdict(entry)).encode()
         self._put_bytes(jname, data)
 
+    def _mkstemp(self, suffix: str = "") -> tuple[int, str]:
+        # host and pid in the name let a later run tell a dead writer's leftovers apart
+        try:
+            return tempfile.mkstemp(
+                prefix=f"{_TMP_PREFIX}{_tmp_tag()}-", suffix=suffix, dir=self._tmp_dir
+            )
+        except OSError as exc:
+            raise self.store._io_error(self._tmp_dir, exc) from exc
+
     def _put_bytes(self, name: str, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self._tmp_dir)
+        fd, tmp = self._mkstemp()
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         try:
@@ -477,11 +554,60 @@ class ArtifactWriter:
             key=self.key,
             files=dict(self.files),
             params=canonical(params) if params is not None else None,
-            inputs=[{"stage": i.stage, "key": i.key, "url": i.url} for i in inputs
-                    if isinstance(i, StageRef)],
+            inputs=[_input_record(i) for i in inputs],
             counts=canonical(self.counts),
             meta=canonical(self.meta),
             created_at=time.time(),
         )
         self._put_bytes(MANIFEST, manifest.to_json().encode())
         log.info("published %s (%d files)", self.url, len(self.files))
+        # The manifest now lists everything the journal did; a leftover journal is harmless
+        # (a later publish rewrites or force-drops it), so a failure here is only logged.
+        try:
+            self.store._rm(self.store.path(self.stage, self.key, JOURNAL_DIR), recursive=True)
+        except StoreError as exc:
+            log.warning("could not remove the journal of %s: %s", self.url, exc)
+
+
+def _input_record(i: Any) -> dict[str, str]:
+    """How an input appears in a manifest: stage/key/url for artifacts, else its value."""
+    if hasattr(i, "stage") and hasattr(i, "key"):
+        return {"stage": i.stage, "key": i.key, "url": getattr(i, "url", "")}
+    return {"value": i if isinstance(i, str) else json.dumps(canonical(i), sort_keys=True)}
+
+
+def _tmp_tag() -> str:
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _remove_stale_temp_files(base: str) -> None:
+    """Delete temp files that a killed writer left in a local artifact dir.
+
+    A file is stale when its writer (host and pid are in its name) is this host and no
+    longer runs, or when it is older than a day (writers on other hosts of a shared disk).
+    """
+    me = _tmp_tag().rsplit("-", 1)[0]
+    now = time.time()
+    for entry in os.scandir(base):
+        if not entry.name.startswith(_TMP_PREFIX):
+            continue
+        parts = entry.name[len(_TMP_PREFIX) :].split("-", 2)
+        stale = False
+        if len(parts) == 3 and parts[0] == me and parts[1].isdigit():
+            stale = not _pid_alive(int(parts[1]))
+        with contextlib.suppress(OSError):
+            stale = stale or now - entry.stat().st_mtime > _STALE_TMP_S
+            if stale:
+                os.unlink(entry.path)
+                log.debug("removed stale temp file %s", entry.path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
