@@ -47,3 +47,31 @@ def s3_root(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request) -> str:
 
     fsspec.config.conf.pop("s3", None)
     return f"s3://{bucket}/artifacts"
+
+
+# ---- the small test target (eagle_core/demo) ------------------------------------------------
+# Built once per session from a handful of stdlib modules in a few seconds: a real byte-level
+# BPE tokenizer (1024 tokens; eos <|endoftext|>, pad <|pad|>, bos <|bos|> never auto-added,
+# ChatML <|im_start|>/<|im_end|> template with {% generation %} around assistant content +
+# <|im_end|>, StarCoder FIM tokens, a middle ends with <|endoftext|>) and an 8-layer Llama
+# (H=64, 4 heads, 2 kv heads, intermediate 128) trained 60 steps. Conventions:
+# eagle_core/demo/tokenizer.py.
+
+
+@pytest.fixture(scope="session")
+def _small_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    from eagle_core.demo.build import build_small_target
+
+    return build_small_target(str(tmp_path_factory.mktemp("small_target")))
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(_small_target: tuple[str, str]) -> str:
+    """HF tokenizer dir (AutoTokenizer.from_pretrained loads it)."""
+    return _small_target[0]
+
+
+@pytest.fixture(scope="session")
+def small_target_dir(_small_target: tuple[str, str]) -> str:
+    """HF LlamaForCausalLM dir (config.json + model.safetensors), vocab = the tokenizer's."""
+    return _small_target[1]
