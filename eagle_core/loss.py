@@ -1,0 +1,272 @@
+"""The training-time-test (TTT) loss of EAGLE drafts, with the label/hidden alignment.
+
+Notation: B batch, T tokens, H hidden, A captured layers, V / Vd target / draft vocab,
+K TTT steps, x the sample's tokens, s[t] the target's states at position t (aux for fc,
+last = final-normed last hidden), len the sample's length (attention_mask sum).
+
+TTT alignment, the one place it is defined (serving semantics are the truth: step k at
+index t is the k-th draft step of a chain rooted at the verified position r = t):
+
+    index t             0      1      2      3      4      5
+    tokens x            x0     x1     x2     x3     x4     x5
+    target states       s0     s1     s2     s3     s4     s5
+
+    step 0 at t=1:  in (x2, fc(s1.aux)) @pos 1   -> predicts x3 | target softmax(s2.last) | w = m[3]
+    step 1 at t=1:  in (x3, out_0[1])   @pos 2   -> predicts x4 | target softmax(s3.last) | w = m[4]
+    step 2 at t=1:  in (x4, out_1[1])   @pos 3   -> predicts x5 | target softmax(s4.last) | w = m[5]
+
+    step k at t:    in (x[t+1+k], fc(s[t].aux) if k == 0 else out_{k-1}[t]) @ RoPE position t+k
+                    predicts x[t+2+k]; target = softmax(s[t+1+k].last @ W_head[draft rows].T)
+                    weight = m[t+2+k] * [full-vocab argmax of the target at t+1+k is in Vd]
+                             * [t+2+k < len]            (m = loss_mask; nothing wraps around)
+
+    attention of step k at index t (what a serving engine's draft KV cache holds then):
+
+        step-0 keys, index j = 0 1 2 3 4 5       chain keys (index t only)
+        step 0, t=3:           # # # # . .        -
+        step 2, t=3:           # # # # . .        k1[3] k2[3]
+        reference, step 2, t=3 # # . . . .        k1[3] k2[3]   (hides j = t-k+1..t)
+
+`alignment="reference"` reproduces EAGLE-3 / SpecForge training: RoPE position t at every
+step, the shifted-diagonal mask above, and weight m[t+k] (the loss mask two tokens before the
+predicted one: the first two tokens of every masked span are never trained, and two tokens
+after it are) times [target at t+1+k exists].
+
+Averaging: loss_k = Σ_weighted CE / (number of weighted positions); total = Σ decay^k loss_k.
+The EAGLE-3 reference and SpecForge divide the per-position sum by B·T instead (`.mean()`
+over all positions, masked ones included), so their loss scale falls with padding and mask
+density; EAGLE-1/2 divided by loss_mask.sum(), as we do. Accuracy_k = fraction of weighted
+positions where the draft argmax equals the target argmax (both in the draft vocab).
+
+The target's distribution is computed from `last_hidden` through the target lm_head rows of
+the draft vocab only (`W_head[draft_target_ids]`, fp32 over Vd), never full-vocab fp32 logits;
+softmax over those rows equals the full softmax gathered on the draft vocab and renormalised.
+Whether the full-vocab argmax lies in the draft vocab is decided by comparing the best draft
+row with the best non-draft row, computed in chunks under no_grad.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eagle_core.capture import TargetStates
+from eagle_core.draft import Eagle1Draft, Eagle3Draft
+from eagle_core.errors import ConfigError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+_CHUNK_ELEMENTS = 1 << 25  # fp32 elements per chunk of non-draft logits (128 MiB)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TTTConfig:
+    """How the TTT unroll is trained."""
+
+    steps: int = 7  # EAGLE-3 default; at least as deep as the chains serving engines draft
+    decay: float = 0.8  # step k weighs decay**k: its token counts only if steps < k were accepted
+    alignment: Literal["aligned", "reference"] = "aligned"  # "reference": EAGLE-3/SpecForge masks
+    eagle1_feature_weight: float = 1.0  # EAGLE-1: weight of SmoothL1(feature) (reference: 1.0)
+    eagle1_ce_weight: float = 0.1  # EAGLE-1: weight of the soft CE (reference: 0.1)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 64:
+            raise ConfigError(f"ttt.steps={self.steps} is not in [1, 64]", fix="use 7 (default)")
+        if not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"ttt.decay={self.decay} is not in (0, 1]", fix="use 0.8 (default)")
+        if self.alignment not in ("aligned", "reference"):
+            raise ConfigError(
+                f"ttt.alignment={self.alignment!r} is unknown",
+                fix="use 'aligned' (default) or 'reference'",
+            )
+        if self.eagle1_feature_weight < 0 or self.eagle1_ce_weight < 0:
+            raise ConfigError("ttt.eagle1_*_weight must be >= 0", fix="use 1.0 and 0.1")
+
+
+@dataclass
+class DraftBatch:
+    """One training batch (right padded).
+
+    Attributes:
+        input_ids: [B, T] int64.
+        attention_mask: [B, T] int64, 1 on the sample's tokens, 0 on right padding.
+        loss_mask: [B, T] int64, 1 on tokens the draft must learn to predict.
+        last_hidden: [B, T, H] the target's final-normed last hidden state.
+        aux_hidden: [B, T, A*H] captured aux layers (EAGLE-3; None for EAGLE-1).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
+    last_hidden: Tensor
+    aux_hidden: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> DraftBatch:
+        return DraftBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            loss_mask=self.loss_mask.to(device),
+            last_hidden=self.last_hidden.to(device),
+            aux_hidden=None if self.aux_hidden is None else self.aux_hidden.to(device),
+        )
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar with grad; per step k: loss value, accuracy and weighted-position count."""
+
+    loss: Tensor
+    step_loss: list[float]
+    step_acc: list[float]
+    step_count: list[int]
+    step_feature_loss: list[float] = field(default_factory=list)  # EAGLE-1 only
+
+
+def shift_left(x: Tensor, n: int) -> Tensor:
+    """y[:, t] = x[:, t+n], zeros past the end (dim 1). x: [B, T, ...]."""
+    if n == 0:
+        return x
+    y = torch.zeros_like(x)
+    if n < x.shape[1]:
+        y[:, : x.shape[1] - n] = x[:, n:]
+    return y
+
+
+@torch.no_grad()
+def target_distribution(
+    last_hidden: Tensor, target_head: Tensor, draft_target_ids: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The target's next-token distribution restricted to the draft vocab.
+
+    Args:
+        last_hidden: [B, T, H] final-normed last hidden states.
+        target_head: [V, H] the target lm_head weight.
+        draft_target_ids: [Vd] target ids of the draft vocab rows.
+
+    Returns:
+        probs [B, T, Vd] fp32 (softmax over the draft rows), argmax [B, T] (draft ids),
+        in_vocab [B, T] bool (the full-vocab argmax is a draft token).
+    """
+    h = last_hidden.float()
+    w_d = target_head[draft_target_ids].float()  # [Vd, H]
+    logits = h @ w_d.T  # [B, T, Vd] fp32, Vd columns only
+    probs = torch.softmax(logits, dim=-1)
+    best_d, argmax = logits.max(dim=-1)  # [B, T]
+    v = target_head.shape[0]
+    if draft_target_ids.numel() == v:
+        return probs, argmax, torch.ones_like(argmax, dtype=torch.bool)
+    other = torch.ones(v, dtype=torch.bool, device=target_head.device)
+    other[draft_target_ids] = False
+    w_o = target_head[other].float()  # [V - Vd, H]
+    flat = h.reshape(-1, h.shape[-1])  # [B*T, H]
+    best_o = torch.empty(flat.shape[0], device=h.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, w_o.shape[0]))
+    for i in range(0, flat.shape[0], chunk):
+        best_o[i : i + chunk] = (flat[i : i + chunk] @ w_o.T).max(dim=-1).values
+    in_vocab = best_d >= best_o.view_as(best_d)  # ties go to the draft row
+    return probs, argmax, in_vocab
+
+
+def step_weights(
+    loss_mask: Tensor, attention_mask: Tensor, in_vocab: Tensor, k: int, alignment: str
+) -> Tensor:
+    """Weight [B, T] of step k at every index t (see the module docstring).
+
+    aligned: loss_mask[t+2+k] * in_vocab[t+1+k] * [t+2+k < len];
+    reference: loss_mask[t+k] * in_vocab[t+1+k] * [t+1+k < len].
+    """
+    lengths = attention_mask.long().sum(dim=1, keepdim=True)  # [B, 1]
+    idx = torch.arange(loss_mask.shape[1], device=loss_mask.device)[None, :]  # [1, T]
+    vocab_ok = shift_left(in_vocab, 1 + k)
+    if alignment == "aligned":
+        # weight by the predicted token's mask, not the input's: otherwise the first two
+        # tokens of every span are never trained
+        m = shift_left(loss_mask, 2 + k)
+        inside = idx + 2 + k < lengths
+    else:
+        m = shift_left(loss_mask, k)
+        inside = idx + 1 + k < lengths
+    return m.float() * vocab_ok.float() * inside.float()  # [B, T]
+
+
+def _check(draft: Eagle3Draft | Eagle1Draft, batch: DraftBatch, target_head: Tensor) -> None:
+    cfg = draft.cfg
+    b, t = batch.input_ids.shape
+    for name, tensor in (("attention_mask", batch.attention_mask), ("loss_mask", batch.loss_mask)):
+        if tuple(tensor.shape) != (b, t):
+            raise ModelMismatchError(
+                f"batch.{name} {tuple(tensor.shape)} != input_ids {(b, t)}",
+                fix="build the batch with the same padding for every field",
+            )
+    if tuple(batch.last_hidden.shape) != (b, t, cfg.hidden_size):
+        raise ModelMismatchError(
+            f"batch.last_hidden {tuple(batch.last_hidden.shape)} != {(b, t, cfg.hidden_size)}",
+            fix="hidden states must come from the draft's target (same H)",
+        )
+    if tuple(target_head.shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise ModelMismatchError(
+            f"target_head {tuple(target_head.shape)} != (V={cfg.vocab_size}, H={cfg.hidden_size})",
+            fix="pass target_head_weight(target) of the draft's target",
+        )
+    if isinstance(draft, Eagle3Draft):
+        want = (b, t, cfg.num_aux * cfg.hidden_size)
+        if batch.aux_hidden is None or tuple(batch.aux_hidden.shape) != want:
+            got = None if batch.aux_hidden is None else tuple(batch.aux_hidden.shape)
+            raise ModelMismatchError(
+                f"batch.aux_hidden {got} != {want} (layers {cfg.aux_layer_ids})",
+                fix="extract hidden states with the draft's aux_layer_ids",
+            )
+
+
+def compute_loss(
+    draft: Eagle3Draft | Eagle1Draft, batch: DraftBatch, target_head: Tensor, cfg: TTTConfig
+) -> LossOutput:
+    """The TTT loss of one batch: Σ_k decay^k · loss_k (see the module docstring).
+
+    EAGLE-3: loss_k = soft CE(target softmax over Vd, draft log-softmax).
+    EAGLE-1: loss_k = feature_weight · SmoothL1(out_k[t], last[t+1+k]) (mean over H)
+             + ce_weight · soft CE; both averaged over the weighted positions.
+
+    Args:
+        draft: the draft model (training mode or not).
+        batch: the batch; hidden states in any float dtype.
+        target_head: [V, H] the target lm_head weight (no grad needed).
+        cfg: TTT settings.
+    """
+    _check(draft, batch, target_head)
+    head = target_head.detach().to(batch.last_hidden.device)
+    probs, t_argmax, in_vocab = target_distribution(
+        batch.last_hidden, head, draft.draft_target_ids.to(head.device)
+    )
+    states = TargetStates(aux=batch.aux_hidden, last=batch.last_hidden)  # type: ignore[arg-type]
+    hidden0 = draft.init_hidden(states)  # [B, T, H]
+    is_eagle1 = isinstance(draft, Eagle1Draft)
+    total = hidden0.new_zeros((), dtype=torch.float32)
+    out = LossOutput(loss=total, step_loss=[], step_acc=[], step_count=[])
+    steps = draft.ttt_steps(batch.input_ids, hidden0, cfg.steps, cfg.alignment)
+    for k, (hidden_out, logits) in enumerate(steps):
+        w = step_weights(batch.loss_mask, batch.attention_mask, in_vocab, k, cfg.alignment)
+        n = w.sum()
+        denom = n.clamp(min=1.0)
+        logp = F.log_softmax(logits.float(), dim=-1)  # [B, T, Vd]
+        ce = -(shift_left(probs, 1 + k) * logp).sum(-1)  # [B, T]
+        loss_k = (ce * w).sum() / denom
+        if is_eagle1:
+            target_feat = shift_left(batch.last_hidden, 1 + k).to(hidden_out.dtype)  # [B, T, H]
+            sl1 = F.smooth_l1_loss(hidden_out.float(), target_feat.float(), reduction="none")
+            feat_k = (sl1.mean(-1) * w).sum() / denom
+            out.step_feature_loss.append(float(feat_k.detach()))
+            loss_k = cfg.eagle1_feature_weight * feat_k + cfg.eagle1_ce_weight * loss_k
+        total = total + (cfg.decay**k) * loss_k
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == shift_left(t_argmax, 1 + k)).float()
+            out.step_acc.append(float((hit * w).sum() / denom))
+        out.step_loss.append(float(loss_k.detach()))
+        out.step_count.append(int(n.item()))
+    out.loss = total
+    return out
