@@ -242,6 +242,14 @@ class ArtifactStore:
 
     def read_bytes(self, ref: StageRef, name: str, verify: bool = True) -> bytes:
         """The whole file (small files only); verify=True checks its sha256 (default)."""
+        entry = None
+        if verify:
+            entry = self.manifest(ref.stage, ref.key).files.get(name)
+            if entry is None:
+                raise ArtifactError(
+                    f"{name!r} is not listed in {self.url(ref.stage, ref.key, MANIFEST)}",
+                    fix="check the file name; list_files() shows what the artifact holds",
+                )
         try:
             data = self._read_bytes(self.path(ref.stage, ref.key, name))
         except FileNotFoundError as exc:
@@ -250,15 +258,8 @@ class ArtifactStore:
                 fix="check the name with list_files(); if it is listed, delete the artifact's "
                 "manifest.json and re-run its stage",
             ) from exc
-        if verify:
-            entry = self.manifest(ref.stage, ref.key).files.get(name)
-            if entry is None:
-                raise ArtifactError(
-                    f"{name!r} is not listed in {self.url(ref.stage, ref.key, MANIFEST)}",
-                    fix="check the file name; list_files() shows what the artifact holds",
-                )
-            if hashlib.sha256(data).hexdigest() != entry.sha256:
-                raise self._corrupt(ref, name)
+        if entry is not None and hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise self._corrupt(ref, name)
         return data
 
     def read_json(self, ref: StageRef, name: str) -> Any:
@@ -539,6 +540,13 @@ class ArtifactWriter:
 
     def add_dir(self, local_dir: str, prefix: str = "") -> None:
         """Copy every file of a local directory (e.g. a saved HF model) into the artifact."""
+        if prefix:
+            check_name(prefix, "prefix")
+        if not os.path.isdir(local_dir):
+            raise ArtifactError(
+                f"add_dir: {local_dir!r} is not a directory",
+                fix="pass the directory the model/tokenizer was saved to",
+            )
         for base, _dirs, files in sorted(os.walk(local_dir)):
             for fname in sorted(files):
                 src = os.path.join(base, fname)
