@@ -1,0 +1,271 @@
+"""Chat rendering with the tokenizer's own template, and the assistant loss mask.
+
+The conversation is rendered ONCE to text by the chat template and tokenized ONCE (batched,
+with offsets). `loss_mask = 1` on exactly the tokens of assistant turns plus each turn's
+end-of-turn token, found one of two ways:
+
+- "generation": the template marks assistant text with `{% generation %}` blocks and
+  transformers returns the mask (`return_assistant_tokens_mask=True`).
+- "offsets": every turn's content is located in the rendered text in order (templates
+  copy content verbatim, or trimmed); tokens whose character offsets fall in an assistant
+  span are masked, plus the tokens right after it up to and including the first special
+  token (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...) when only whitespace lies in between.
+
+Never tokenizing pieces separately matters: BPE merges across piece boundaries, so
+separately tokenized pieces drift from what the target sees at serving time.
+
+Offsets caveat handled here: byte-level tokenizers with `trim_offsets=True` report
+whitespace-only tokens as zero-width at the token's END, so a zero-width token at point p
+belongs to a span (a, b] (not [a, b)).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from eagle_core.errors import ConfigError
+from eagle_core.records import Rejected
+
+log = logging.getLogger(__name__)
+
+MaskMode = Literal["auto", "offsets", "generation"]
+_EOT_LOOKAHEAD = 4  # tokens scanned after an answer for its end-of-turn token
+
+
+class ChatReason:
+    """Reject reasons of chat tokenization (keys of the tokenize manifest's counts)."""
+
+    TEMPLATE_ERROR = "template_error"  # the template raised (e.g. roles must alternate)
+    ASSISTANT_NOT_RENDERED = "assistant_not_rendered"  # content not found in rendered text
+
+
+@dataclass(frozen=True)
+class ChatSample:
+    """A tokenized conversation. input_ids, loss_mask: [T]."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+def resolve_chat_template(tokenizer: Any, override: str | None = None) -> str:
+    """The Jinja template to use: an override (a template name of the tokenizer, a file, or
+    the template text itself), else the tokenizer's own.
+
+    Raises:
+        ConfigError: no template anywhere.
+    """
+    own = getattr(tokenizer, "chat_template", None)
+    if override:
+        if isinstance(own, dict) and override in own:
+            return own[override]
+        if "{" not in override and os.path.isfile(override):
+            with open(override, encoding="utf-8") as fh:
+                return fh.read()
+        if "{" in override:
+            return override
+        raise ConfigError(
+            f"chat_template={override!r} is neither a template name of the tokenizer, "
+            "a file, nor Jinja text",
+            fix="pass a .jinja file path, the template text, or one of "
+            f"{sorted(own) if isinstance(own, dict) else ['default']}",
+        )
+    if isinstance(own, dict):
+        own = own.get("default") or next(iter(own.values()), None)
+    if not own:
+        raise ConfigError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template",
+            fix="pass chat_template= (a .jinja file or template text) for this tokenizer",
+        )
+    return own
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of every special token (named ones and added tokens flagged special)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tid, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(tid))
+    return ids
+
+
+def template_messages(
+    messages: Sequence[dict[str, str]], keep_reasoning: bool
+) -> list[dict[str, str]]:
+    """Messages as given to the template. Reasoning, when kept, is inlined as a leading
+    `<think>...</think>` block (the DeepSeek-R1 / Qwen3 convention, which Qwen3-style
+    templates parse back out of the content)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if keep_reasoning and m.get("reasoning"):
+            content = f"<think>\n{m['reasoning']}\n</think>\n\n{content}"
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def find_assistant_spans(
+    text: str, messages: Sequence[dict[str, str]]
+) -> list[tuple[int, int]] | None:
+    """Char spans [a, b) of assistant contents in the rendered text, or None if one is missing.
+
+    Turns are searched in order from a moving cursor, so an answer repeated in a later user
+    turn is not mistaken for the answer. Each content is tried verbatim, then trimmed, then
+    (for inlined reasoning the template dropped) without its think block.
+    """
+    cursor, spans = 0, []
+    for m in messages:
+        content = m["content"]
+        candidates = [content, content.strip()]
+        if content.startswith("<think>") and "</think>" in content:
+            rest = content.split("</think>", 1)[1]
+            candidates += [rest, rest.strip()]
+        found = -1
+        for c in candidates:
+            if c:
+                found = text.find(c, cursor)
+                if found >= 0:
+                    span = (found, found + len(c))
+                    break
+        if found < 0:
+            if m["role"] == "assistant":
+                return None
+            continue  # templates may rewrite system/user text; only answers must be found
+        cursor = span[1]
+        if m["role"] == "assistant":
+            spans.append(span)
+    return spans
+
+
+def _in_span(start: int, end: int, a: int, b: int) -> bool:
+    if end > start:
+        return start < b and end > a
+    return a < start <= b  # zero-width (trimmed whitespace): reported at the token's end
+
+
+def mask_from_offsets(
+    input_ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    text: str,
+    spans: Sequence[tuple[int, int]],
+    special_ids: set[int],
+) -> list[int]:
+    """loss_mask [T]: 1 on tokens overlapping a span, and on the end-of-turn token after it."""
+    mask = [0] * len(input_ids)
+    i = 0
+    for a, b in spans:
+        while i < len(offsets) and not _in_span(*offsets[i], a, b) and offsets[i][0] < b:
+            i += 1
+        last = -1
+        while i < len(offsets) and (_in_span(*offsets[i], a, b)):
+            mask[i] = 1
+            last = i
+            i += 1
+        if last < 0:
+            continue
+        # extend to the end-of-turn special token, across whitespace only
+        for j in range(last + 1, min(last + 1 + _EOT_LOOKAHEAD, len(input_ids))):
+            s, e = offsets[j]
+            if input_ids[j] in special_ids:
+                for k in range(last + 1, j + 1):
+                    mask[k] = 1
+                i = j + 1
+                break
+            if text[s:e].strip():
+                break
+    return mask
+
+
+def keep_last_run(mask: list[int]) -> list[int]:
+    """Only the last contiguous run of 1s (the last assistant turn)."""
+    end = len(mask)
+    while end and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    return [1 if start <= i < end else 0 for i in range(len(mask))]
+
+
+def choose_mask_mode(template: str, mode: MaskMode) -> Literal["offsets", "generation"]:
+    if mode == "auto":
+        return (
+            "generation"
+            if "{% generation %}" in template or "{%- generation" in template
+            else "offsets"
+        )
+    if mode == "generation" and "generation" not in template:
+        raise ConfigError(
+            "chat_mask='generation' but the chat template has no {% generation %} block",
+            fix="use chat_mask='offsets' (or 'auto'), or a template with generation blocks",
+        )
+    return mode
+
+
+def tokenize_chats(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    *,
+    template: str,
+    mask_mode: Literal["offsets", "generation"] = "offsets",
+    last_turn_only: bool = False,
+    keep_reasoning: bool = True,
+) -> list[ChatSample | Rejected]:
+    """Render and tokenize a batch of conversations; one result per conversation.
+
+    Args:
+        tokenizer: a fast transformers tokenizer (offsets need the Rust backend).
+        conversations: normalized turns (see eagle_core.records).
+        template: the Jinja chat template (see `resolve_chat_template`).
+        mask_mode: how assistant tokens are found (module docstring).
+        last_turn_only: mask only the last assistant turn.
+        keep_reasoning: render assistant reasoning (and train on it) or drop it.
+
+    Returns:
+        ChatSample (input_ids [T], loss_mask [T]) or Rejected(ChatReason...).
+    """
+    results: list[ChatSample | Rejected | None] = [None] * len(conversations)
+    texts: list[str] = []
+    where: list[tuple[int, list[tuple[int, int]]]] = []
+    specials = special_token_ids(tokenizer)
+    for n, conv in enumerate(conversations):
+        msgs = template_messages(conv, keep_reasoning)
+        try:
+            if mask_mode == "generation":
+                out = tokenizer.apply_chat_template(
+                    msgs,
+                    chat_template=template,
+                    tokenize=True,
+                    return_dict=True,
+                    return_assistant_tokens_mask=True,
+                )
+                ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+                if last_turn_only:
+                    mask = keep_last_run(mask)
+                results[n] = ChatSample(ids, mask)
+                continue
+            text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)
+        except Exception as exc:  # jinja raises TemplateError / its own exceptions
+            results[n] = Rejected(ChatReason.TEMPLATE_ERROR, f"{type(exc).__name__}: {exc}"[:120])
+            continue
+        spans = find_assistant_spans(text, msgs)
+        if spans is None:
+            results[n] = Rejected(
+                ChatReason.ASSISTANT_NOT_RENDERED, "an assistant answer is not in the render"
+            )
+            continue
+        if last_turn_only:
+            spans = spans[-1:]
+        texts.append(text)
+        where.append((n, spans))
+    if texts:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for (n, spans), text, ids, offs in zip(
+            where, texts, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            mask = mask_from_offsets(ids, offs, text, spans, specials)
+            results[n] = ChatSample(list(ids), mask)
+    return results  # type: ignore[return-value]
