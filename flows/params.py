@@ -1,0 +1,395 @@
+"""The parameters of the `retrain` flow: the run form of the Prefect UI.
+
+One pydantic section per stage, in DAG order (data, regenerate, tokenize, vocab, extract,
+train, export, evaluate, storage). A field's `description` is the help line under it in the
+form, `Literal` fields are selects, `ge`/`le` limits are enforced by the form itself. Each
+section turns into its stage's frozen `eagle_core` config in one method; tasks only ever see
+that dataclass, so wording in this file never changes a content key.
+
+No field holds a secret: credentials come from the environment of the worker (Kubernetes
+secrets, Prefect blocks), never from parameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without torch
+    from eagle_core.evaluate import EvalConfig
+    from eagle_core.extract import ExtractConfig
+    from eagle_core.tokenize import TokenizeConfig
+    from eagle_core.train import TrainConfig
+    from eagle_core.vocab import VocabConfig
+
+    from eagle_core.download import DownloadConfig
+    from eagle_core.export import ExportConfig
+
+STAGES = (
+    "build_demo_target",
+    "download",
+    "tokenize",
+    "scan_vocab",
+    "extract_hidden",
+    "train",
+    "export",
+    "evaluate",
+)
+Stage = Literal[
+    "build_demo_target",
+    "download",
+    "tokenize",
+    "scan_vocab",
+    "extract_hidden",
+    "train",
+    "export",
+    "evaluate",
+]
+DEMO = "demo"  # `target: demo` builds the demo target and uses its data files
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Section):
+    """One input dataset."""
+
+    path: str = Field(
+        description="Hub dataset name, or a local/fsspec path or glob of jsonl/json/parquet files"
+    )
+    kind: Literal["chat", "fim", "tokens", "auto"] = Field(
+        "chat", description="Record kind: chat, FIM code, pre-tokenized ids, or auto per row"
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Row multiplier: 0.5 keeps half the rows, 2 repeats each twice"
+    )
+    split: str = Field("train", description="Split to read (Hub datasets)")
+
+
+class DataParams(_Section):
+    """Data: which datasets to download, how many samples, shuffle seed."""
+
+    datasets: list[DatasetSpec] = Field(
+        default_factory=list,
+        description="Datasets with weights; empty with target 'demo' = the demo chat + FIM files",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Sample cap per dataset, after weighting (empty: all)"
+    )
+    seed: int = Field(0, ge=0, description="Seed of the shuffle and of FIM span splitting")
+    max_reject_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fail a download above this share of rejected rows"
+    )
+
+    def download_config(self, ds: DatasetSpec) -> DownloadConfig:
+        """The download of one dataset (datasets download in parallel, one artifact each)."""
+        from eagle_core.download import DownloadConfig, SourceSpec
+
+        source = SourceSpec(path=ds.path, kind=ds.kind, split=ds.split, weight=ds.weight)
+        return DownloadConfig(
+            sources=(source,),
+            max_samples=self.max_samples,
+            seed=self.seed,
+            fim_seed=self.seed,
+            max_reject_fraction=self.max_reject_fraction,
+        )
+
+
+class RegenerateParams(_Section):
+    """Regenerate: let the target rewrite the answers / FIM middles (on-policy data)."""
+
+    enabled: bool = Field(
+        False, description="Rewrite answers with the target before tokenizing (slow)"
+    )
+
+
+class TokenizeParams(_Section):
+    """Tokenize: chat template / FIM rendering, loss masks, truncation."""
+
+    fim_order: Literal["psm", "spm"] = Field(
+        "psm", description="FIM order: prefix-suffix-middle (standard) or suffix-prefix-middle"
+    )
+    fim_rate: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of FIM samples in FIM order (rest: left-to-right)",
+    )
+    max_length: int = Field(2048, ge=16, le=131072, description="Max tokens per sample")
+
+    def tokenize_config(
+        self, tokenizer: str, kind: Literal["chat", "fim", "tokens"], seed: int
+    ) -> TokenizeConfig:
+        from eagle_core.tokenize import TokenizeConfig
+
+        return TokenizeConfig(
+            tokenizer=tokenizer,
+            format=kind,
+            fim_order=self.fim_order,
+            fim_rate=self.fim_rate,
+            max_length=self.max_length,
+            seed=seed,
+        )
+
+
+class VocabParams(_Section):
+    """Vocab: the draft vocabulary (EAGLE-3 only)."""
+
+    draft_vocab_size: int = Field(
+        32000, ge=1, description="Draft vocab size: most frequent target tokens kept"
+    )
+
+    def vocab_config(self) -> VocabConfig:
+        from eagle_core.vocab import VocabConfig
+
+        return VocabConfig(draft_vocab_size=self.draft_vocab_size)
+
+
+class ExtractParams(_Section):
+    """Extract: target hidden states for offline training."""
+
+    batch_size: int = Field(8, ge=1, description="Samples per target forward")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Stored hidden-state dtype"
+    )
+    shard_samples: int = Field(1024, ge=1, description="Samples per shard (the resume unit)")
+
+    def extract_config(self, target: str) -> ExtractConfig:
+        from eagle_core.extract import ExtractConfig
+
+        return ExtractConfig(
+            target=target,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            shard_samples=self.shard_samples,
+        )
+
+
+class TrainParams(_Section):
+    """Train: draft model, TTT, optimizer, DeepSpeed."""
+
+    draft_kind: Literal["eagle3", "eagle1"] = Field(
+        "eagle3", description="Draft architecture: EAGLE-3 (fused 3 layers) or EAGLE-1"
+    )
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: from extracted hidden states; online: target in the step"
+    )
+    ttt_steps: int = Field(7, ge=1, le=16, description="Unrolled training-time-test steps")
+    lr: float = Field(5e-5, gt=0, le=1.0, description="AdamW learning rate")
+    batch_size: int = Field(4, ge=1, description="Samples per step per process")
+    steps: int = Field(2000, ge=1, description="Optimizer steps")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Training precision")
+    nproc: int = Field(1, ge=1, le=64, description="Processes (GPUs) on this node")
+    launcher: Literal["deepspeed", "torchrun", "inline"] = Field(
+        "deepspeed", description="How training processes start (inline: in the worker)"
+    )
+    checkpoint_every: int = Field(500, ge=1, description="Steps between resumable checkpoints")
+    seed: int = Field(0, ge=0, description="Seed of init and data order")
+
+    def train_config(
+        self, *, store_url: str, target: str, data: list[str], vocab_map: str | None
+    ) -> TrainConfig:
+        from eagle_core.train import TrainConfig
+
+        return TrainConfig(
+            store=store_url,
+            target=target,
+            data=tuple(data),
+            vocab_map=vocab_map,
+            kind=self.draft_kind,
+            mode=self.mode,
+            ttt_steps=self.ttt_steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            zero_stage=self.zero_stage,
+            precision=self.precision,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+        )
+
+
+class ExportParams(_Section):
+    """Export: the serving checkpoint."""
+
+    format: Literal["auto", "speculators"] = Field(
+        "auto",
+        description="Layout: auto = SGLang/vLLM EAGLE-3 or reference EAGLE-1; vLLM speculators",
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weight dtype of the exported draft"
+    )
+
+    def export_config(self, draft_kind: Literal["eagle3", "eagle1"], target: str) -> ExportConfig:
+        from eagle_core.export import ExportConfig
+
+        fmt = draft_kind if self.format == "auto" else self.format
+        return ExportConfig(format=fmt, dtype=self.dtype, target=target)
+
+
+class EvalParams(_Section):
+    """Evaluate: real speculative decoding against the target."""
+
+    steps: int = Field(5, ge=1, le=16, description="Draft tokens proposed per target forward")
+    mode: Literal["chain", "tree"] = Field("chain", description="Drafting: chain or tree")
+    max_prompts: int = Field(20, ge=1, description="Held-out prompts decoded")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt")
+
+    def eval_config(self, *, target: str, tokenizer: str, prompts: list[str]) -> EvalConfig:
+        from eagle_core.evaluate import EvalConfig
+
+        return EvalConfig(
+            target=target,
+            tokenizer=tokenizer,
+            prompts=tuple(prompts),
+            steps=self.steps,
+            mode=self.mode,
+            max_prompts=self.max_prompts,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+class StorageParams(_Section):
+    """Storage: where every artifact goes (credentials come from the worker's environment)."""
+
+    root: str = Field(
+        "",
+        description="Artifact root: local path or s3://bucket/prefix (empty: default root)",
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        parts = urllib.parse.urlsplit(v)
+        if parts.password or parts.username:
+            raise ValueError(
+                "the artifact root must not contain credentials; set them in the worker's "
+                "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a Kubernetes secret)"
+            )
+        if parts.query:
+            raise ValueError("the artifact root must not carry a query string (tokens)")
+        return v
+
+    def url(self) -> str:
+        from storage.store import default_root
+
+        return self.root or default_root()
+
+
+# The quick preset: a few steps everywhere, for the demo smoke test and the integration tests.
+QUICK: dict[str, dict[str, Any]] = {
+    "data": {"max_samples": 48},
+    "tokenize": {"max_length": 128},
+    "vocab": {"draft_vocab_size": 256},
+    "extract": {"batch_size": 8, "shard_samples": 16},
+    "train": {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "lr": 1e-3, "nproc": 1},
+    "evaluate": {"max_prompts": 2, "max_new_tokens": 16, "steps": 3},
+}
+
+
+class PipelineParams(_Section):
+    """Everything one `retrain` run takes (the CLI's `--config pipeline.yaml`)."""
+
+    target: str = Field(
+        DEMO, description="Target model: local dir, Hub name, artifact URL, or 'demo'"
+    )
+    tokenizer: str = Field("", description="Tokenizer (empty: the target's own)")
+    data: DataParams = Field(default_factory=DataParams)
+    regenerate: RegenerateParams = Field(default_factory=RegenerateParams)
+    tokenize: TokenizeParams = Field(default_factory=TokenizeParams)
+    vocab: VocabParams = Field(default_factory=VocabParams)
+    extract: ExtractParams = Field(default_factory=ExtractParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    evaluate: EvalParams = Field(default_factory=EvalParams)
+    storage: StorageParams = Field(default_factory=StorageParams)
+    quick: bool = Field(False, description="Quick preset: a few steps everywhere (smoke test)")
+    force: list[Stage] = Field(default_factory=list, description="Stages to recompute")
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineParams:
+        if self.target != DEMO and not self.data.datasets:
+            raise ValueError("data.datasets is empty: list at least one dataset for this target")
+        if self.regenerate.enabled and importlib.util.find_spec("eagle_core.regenerate") is None:
+            raise ValueError(
+                "regenerate.enabled: this installation has no regenerate stage; leave it off"
+            )
+        return self
+
+    def effective(self) -> PipelineParams:
+        """These parameters with the quick preset applied (a no-op when quick is off)."""
+        if not self.quick:
+            return self
+        update: dict[str, Any] = {}
+        for section, values in QUICK.items():
+            current = getattr(self, section)
+            update[section] = current.model_copy(update=values)
+        return self.model_copy(update=update)
+
+
+def load_pipeline_yaml(path: str) -> PipelineParams:
+    """Read a `pipeline.yaml` (the sections above as mappings) into validated parameters."""
+    import yaml
+
+    with open(os.path.expanduser(path), encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
+    return PipelineParams.model_validate(doc)
+
+
+# The demo target's quick preset: an 8-layer H=64 Llama on a few stdlib modules, trained for a
+# few seconds. Real enough for the whole DAG, small enough for the integration tests.
+QUICK_DEMO_TARGET: dict[str, Any] = {
+    "vocab_size": 1024,
+    "tokenizer_corpus_chars": 200_000,
+    "hidden_size": 64,
+    "num_layers": 8,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "seq_len": 64,
+    "batch_size": 8,
+    "train_steps": 60,
+    "max_train_seconds": 20.0,
+    "heldout_permille": 250,
+    "fim_per_file": 4,
+    "max_train_samples": 64,
+    "max_heldout_samples": 16,
+    "eval_blocks": 4,
+    "eval_fim_samples": 4,
+    "modules": (
+        "textwrap",
+        "shlex",
+        "heapq",
+        "bisect",
+        "fnmatch",
+        "glob",
+        "colorsys",
+        "copy",
+        "keyword",
+        "string",
+        "numbers",
+        "queue",
+        "sched",
+        "graphlib",
+        "calendar",
+        "csv",
+        "pprint",
+        "reprlib",
+        "struct",
+    ),
+}
+
+
+def demo_target_config(quick: bool) -> Any:
+    """`eagle_core.demo.DemoTargetConfig`: the full demo target, or its quick preset."""
+    from eagle_core.demo import DemoTargetConfig
+
+    return DemoTargetConfig(**QUICK_DEMO_TARGET) if quick else DemoTargetConfig()

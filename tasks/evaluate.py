@@ -1,0 +1,77 @@
+"""Task: measure acceptance length with real speculative decoding (eagle_core.evaluate)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from storage import ArtifactStore, StageRef
+from tasks import ui
+from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+
+if TYPE_CHECKING:
+    from eagle_core.evaluate import EvalConfig
+
+
+@task(
+    name="evaluate",
+    cache_policy=NO_CACHE,
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_transient,
+    timeout_seconds=12 * 3600,
+)
+def evaluate(
+    export_ref: StageRef, cfg: EvalConfig, store_url: str, force: bool = False
+) -> StageRef:
+    """Draft with the exported model, verify with the target; record tau and acceptance.
+
+    Args:
+        export_ref: the export artifact.
+        cfg: `eagle_core.evaluate.EvalConfig`.
+        store_url: artifact root.
+        force: recompute even if the artifact exists.
+    """
+    from eagle_core.evaluate import evaluate as run
+
+    log, store, started = get_run_logger(), ArtifactStore(store_url), time.time()
+    ref = run(store, export_ref, cfg, force=force)
+    ui.report_outcome(log, store, ref, started)
+    log.info("evaluate: acceptance length tau = %s", tau_of(ref))
+    _tables(store, ref, export_ref)
+    return ref
+
+
+def tau_of(ref: StageRef) -> float | None:
+    """The measured acceptance length (tokens per target forward) of an evaluate artifact."""
+    for name in ("tau", "acceptance_length"):
+        if isinstance(ref.counts.get(name), (int, float)):
+            return float(ref.counts[name])
+    return None
+
+
+def _tables(store: ArtifactStore, ref: StageRef, export_ref: StageRef) -> None:
+    summary: list[dict[str, Any]] = [
+        {"metric": k, "value": v}
+        for k, v in sorted(ref.counts.items())
+        if isinstance(v, (int, float, str, bool))
+    ]
+    ui.table(
+        "evaluate",
+        "summary",
+        summary,
+        description=f"speculative decoding of {export_ref.url}: tau = {tau_of(ref)}",
+    )
+    meta = store.manifest(ref.stage, ref.key).meta
+    per_pos = meta.get("per_position_acceptance") or ref.counts.get("per_position_acceptance")
+    if isinstance(per_pos, list):
+        ui.table(
+            "evaluate",
+            "acceptance",
+            [{"position": i + 1, "acceptance": float(a)} for i, a in enumerate(per_pos)],
+            description="share of drafts whose token at this position was accepted",
+        )
