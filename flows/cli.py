@@ -1,11 +1,403 @@
-"""`eagle-pipeline` command line (placeholder until the flows land)."""
+"""`eagle-pipeline`: every stage as a subcommand, the whole DAG (`run`, `demo`), and the UI.
 
+Conventions: progress and logs go to stderr; the LAST line of stdout is the URL of the
+artifact the command produced (so `url=$(eagle-pipeline tokenize ... | tail -n1)` chains
+stages in a shell). A `PipelineError` exits with status 2 and its message (what, where, fix).
+
+Stage subcommands call the `eagle_core` entry points directly (no Prefect needed); `run`
+and `demo` run the `retrain` flow, in Prefect's ephemeral mode when no server is configured
+and against `PREFECT_API_URL` when one is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
 import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# Before Prefect is imported: the ephemeral server can take a while to start on a loaded
+# 2-core machine, and the core's loggers should reach the flow-run log.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "eagle_core,storage",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+log = logging.getLogger("eagle_pipeline.cli")
+
+
+def _set_env_defaults() -> None:
+    for k, v in _ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+# ---- options generated from the pydantic form sections --------------------------------------
+def _add_section_options(
+    parser: argparse.ArgumentParser, model: type, skip: Sequence[str] = ()
+) -> None:
+    """One `--field-name` option per scalar field of a `flows.params` section (its
+    description is the help, Literal choices are `choices`, defaults stay the model's)."""
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        ann = info.annotation
+        args = typing.get_args(ann)
+        opt = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": info.description}
+        if typing.get_origin(ann) is typing.Literal:
+            kw["choices"] = list(args)
+            kw["type"] = type(args[0])
+        elif ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif ann in (int, float, str):
+            kw["type"] = ann
+        elif isinstance(ann, types.UnionType) and type(None) in args:
+            inner = [a for a in args if a is not type(None)]
+            if len(inner) != 1 or inner[0] not in (int, float, str):
+                continue
+            kw["type"] = inner[0]
+        else:
+            continue  # lists / nested models: set them in pipeline.yaml
+        parser.add_argument(opt, **kw)
+
+
+def _section(model: type, ns: argparse.Namespace) -> Any:
+    """Build a section from the options the user gave (the rest keep their defaults)."""
+    values = {n: getattr(ns, n) for n in model.model_fields if getattr(ns, n, None) is not None}
+    return model(**values)
+
+
+def _store(ns: argparse.Namespace) -> Any:
+    from storage import ArtifactStore
+
+    return ArtifactStore(ns.store or None)
+
+
+# ---- stage commands -------------------------------------------------------------------------
+def _cmd_build_demo_target(ns: argparse.Namespace) -> str:
+    from eagle_core.demo import build_demo_target
+    from flows.params import demo_target_config
+
+    return build_demo_target(_store(ns), demo_target_config(ns.quick), force=ns.force).url
+
+
+def _cmd_download(ns: argparse.Namespace) -> str:
+    from eagle_core.download import config_from_options, download
+
+    cfg = config_from_options(
+        ns.source,
+        max_samples=ns.max_samples,
+        seed=ns.seed,
+        kind=ns.kind,
+        split=ns.split,
+        max_reject_fraction=ns.max_reject_fraction,
+    )
+    return download(_store(ns), cfg, force=ns.force).url
+
+
+def _ref(url: str, stage: str) -> Any:
+    from storage import ArtifactError, ArtifactStore
+
+    store, got, key = ArtifactStore.for_url(url)
+    if got != stage:
+        raise ArtifactError(
+            f"{url} is a {got!r} artifact, expected {stage!r}",
+            fix=f"pass the URL of a {stage} artifact: <root>/{stage}/<key>",
+        )
+    return store.ref(got, key)
+
+
+def _cmd_tokenize(ns: argparse.Namespace) -> str:
+    from eagle_core.tokenize import tokenize
+
+    from flows.params import TokenizeParams
+
+    cfg = _section(TokenizeParams, ns).tokenize_config(ns.tokenizer, ns.format, ns.seed)
+    return tokenize(_store(ns), _ref(ns.records, "download"), cfg, force=ns.force).url
+
+
+def _cmd_scan_vocab(ns: argparse.Namespace) -> str:
+    from eagle_core.vocab import scan_vocab
+
+    from flows.params import VocabParams
+
+    tokens = [_ref(u, "tokenize") for u in ns.tokens]
+    cfg = _section(VocabParams, ns).vocab_config()
+    return scan_vocab(_store(ns), tokens, cfg, force=ns.force).url
+
+
+def _cmd_extract(ns: argparse.Namespace) -> str:
+    from eagle_core.extract import extract_hidden
+    from flows.params import ExtractParams
+
+    cfg = _section(ExtractParams, ns).extract_config(ns.target)
+    return extract_hidden(
+        _store(ns),
+        _ref(ns.tokens, "tokenize"),
+        cfg,
+        force=ns.force,
+        progress=_bar("extract_hidden"),
+    ).url
+
+
+def _cmd_train(ns: argparse.Namespace) -> str:
+    from eagle_core.launch import launch_training
+
+    from flows.params import TrainParams
+
+    p = _section(TrainParams, ns)
+    cfg = p.train_config(
+        store_url=_store(ns).root, target=ns.target, data=ns.data, vocab_map=ns.vocab_map
+    )
+    return launch_training(cfg, nproc=p.nproc, launcher=p.launcher, force=ns.force).url
+
+
+def _cmd_export(ns: argparse.Namespace) -> str:
+    from eagle_core.export import export
+    from flows.params import ExportParams
+
+    train_ref = _ref(ns.train, "train")
+    kind = _store(ns).manifest("train", train_ref.key).meta.get("kind", "eagle3")
+    cfg = _section(ExportParams, ns).export_config(kind, ns.target or "")
+    return export(_store(ns), train_ref, cfg, force=ns.force).url
+
+
+def _cmd_evaluate(ns: argparse.Namespace) -> str:
+    from eagle_core.evaluate import evaluate
+
+    from flows.params import EvalParams
+
+    cfg = _section(EvalParams, ns).eval_config(
+        target=ns.target, tokenizer=ns.tokenizer or ns.target, prompts=ns.prompts
+    )
+    ref = evaluate(_store(ns), _ref(ns.export, "export"), cfg, force=ns.force)
+    from tasks.evaluate import tau_of
+
+    print(f"acceptance length tau = {tau_of(ref)}", file=sys.stderr)
+    return ref.url
+
+
+def _bar(stage: str) -> Callable[[int, int], None]:
+    """A stderr progress bar for a core `progress(done, total)` callback."""
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc=stage, file=sys.stderr, disable=None)
+        b = bar["b"]
+        b.total = total
+        b.update(done - b.n)
+        if done >= total:
+            b.close()
+
+    return update
+
+
+# ---- whole pipeline -------------------------------------------------------------------------
+def _run_flow(params: Any) -> str:
+    from flows.retrain import retrain
+
+    kwargs = {name: getattr(params, name) for name in type(params).model_fields}
+    result = retrain(**kwargs)
+    for stage, cached in result["cached"].items():
+        print(f"{stage:18s} {'cached' if cached else 'computed'}", file=sys.stderr)
+    print(f"exported draft: {result['export_url']}", file=sys.stderr)
+    print(f"acceptance length tau = {result['tau']}")
+    return result["export_url"]
+
+
+def _cmd_run(ns: argparse.Namespace) -> str:
+    from flows.params import PipelineParams, load_pipeline_yaml
+
+    params = load_pipeline_yaml(ns.config) if ns.config else PipelineParams()
+    update: dict[str, Any] = {}
+    if ns.store:
+        update["storage"] = params.storage.model_copy(update={"root": ns.store})
+    if ns.quick:
+        update["quick"] = True
+    if ns.force:
+        update["force"] = sorted(set(params.force) | set(ns.force))
+    return _run_flow(
+        PipelineParams.model_validate(
+            {
+                **params.model_dump(),
+                **{
+                    k: (v.model_dump() if hasattr(v, "model_dump") else v)
+                    for k, v in update.items()
+                },
+            }
+        )
+    )
+
+
+def _cmd_demo(ns: argparse.Namespace) -> str:
+    from flows.params import DEMO, PipelineParams, TrainParams
+
+    # the full demo trains with DeepSpeed on 2 processes (the issue's `make demo`)
+    train = TrainParams() if ns.quick else TrainParams(nproc=2)
+    params = PipelineParams(
+        target=DEMO,
+        quick=ns.quick,
+        train=train,
+        storage={"root": ns.store or ""},
+        force=ns.force or [],
+    )
+    return _run_flow(params)
+
+
+def _cmd_ui(ns: argparse.Namespace) -> str:
+    from flows.ui import serve_ui
+
+    return serve_ui(port=ns.port, store=ns.store or "", open_browser=False)
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from flows.params import (
+        STAGES,
+        EvalParams,
+        ExportParams,
+        ExtractParams,
+        TokenizeParams,
+        TrainParams,
+        VocabParams,
+    )
+
+    ap = argparse.ArgumentParser(
+        prog="eagle-pipeline",
+        description="Train EAGLE-3 / EAGLE-1 draft models: stages, the whole DAG, the UI. "
+        "The last stdout line is the URL of the artifact produced.",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+
+    def stage(
+        name: str, help_: str, fn: Callable[[argparse.Namespace], str]
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument(
+            "--store",
+            default="",
+            help="artifact root: local path or s3://bucket/prefix "
+            "(default: $EAGLE_PIPELINE_STORE or ./artifacts)",
+        )
+        p.add_argument("--force", action="store_true", help="recompute even if cached")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = stage(
+        "build-demo-target",
+        "build the offline demo target (tokenizer, tiny Llama, demo data files)",
+        _cmd_build_demo_target,
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny target in seconds (tests)")
+
+    p = stage("download", "read, validate and normalize datasets into records", _cmd_download)
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="path/glob/Hub name, optionally `:weight`, or a JSON object; repeatable",
+    )
+    p.add_argument("--kind", default="auto", choices=["chat", "fim", "tokens", "auto"])
+    p.add_argument("--split", default="train")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-reject-fraction", type=float, default=0.1)
+
+    p = stage("tokenize", "render and tokenize records with loss masks", _cmd_tokenize)
+    p.add_argument("--records", required=True, help="download artifact URL")
+    p.add_argument("--tokenizer", required=True, help="tokenizer dir, Hub name or artifact URL")
+    p.add_argument("--format", default="chat", choices=["chat", "fim", "tokens", "auto"])
+    p.add_argument("--seed", type=int, default=0)
+    _add_section_options(p, TokenizeParams)
+
+    p = stage("scan-vocab", "choose the draft vocabulary", _cmd_scan_vocab)
+    p.add_argument(
+        "--tokens", action="append", required=True, help="tokenize artifact URL (repeatable)"
+    )
+    _add_section_options(p, VocabParams)
+
+    p = stage("extract", "store target hidden states (offline training)", _cmd_extract)
+    p.add_argument("--tokens", required=True, help="tokenize artifact URL")
+    p.add_argument("--target", required=True, help="target model dir, Hub name or artifact URL")
+    _add_section_options(p, ExtractParams)
+
+    p = stage("train", "train the draft model", _cmd_train)
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="extract_hidden (offline) or tokenize (online) artifact URL; repeatable",
+    )
+    p.add_argument("--vocab-map", default=None, help="scan_vocab artifact URL (eagle3)")
+    p.add_argument("--target", required=True, help="target model")
+    _add_section_options(p, TrainParams)
+
+    p = stage("export", "write the serving checkpoint", _cmd_export)
+    p.add_argument("--train", required=True, help="train artifact URL")
+    p.add_argument("--target", default="", help="target model (default: the training run's)")
+    _add_section_options(p, ExportParams)
+
+    p = stage("evaluate", "speculative decoding: acceptance length", _cmd_evaluate)
+    p.add_argument("--export", required=True, help="export artifact URL")
+    p.add_argument("--target", required=True, help="target model")
+    p.add_argument("--tokenizer", default="", help="tokenizer (default: the target's)")
+    p.add_argument(
+        "--prompts", action="append", required=True, help="held-out prompt file (jsonl); repeatable"
+    )
+    _add_section_options(p, EvalParams)
+
+    p = sub.add_parser("run", help="run the retrain flow (the whole DAG)")
+    p.add_argument("--config", default="", help="pipeline.yaml (sections of flows.params)")
+    p.add_argument("--store", default="", help="artifact root (overrides the config's)")
+    p.add_argument("--quick", action="store_true", help="quick preset")
+    p.add_argument("--force", action="append", choices=list(STAGES), help="recompute a stage")
+    p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("demo", help="the whole DAG on the offline demo target and its data")
+    p.add_argument("--quick", action="store_true", help="a few steps everywhere (<= 5 min)")
+    p.add_argument("--store", default="", help="artifact root")
+    p.add_argument("--force", action="append", choices=list(STAGES), help="recompute a stage")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("ui", help="start a local Prefect server + the retrain deployment")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--store", default="", help="default artifact root of the run form")
+    p.set_defaults(fn=_cmd_ui)
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("eagle-pipeline: no subcommands yet", file=sys.stderr)
-    return 2
+    _set_env_defaults()
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from pydantic import ValidationError
+
+    from storage.errors import PipelineError
+
+    try:
+        url = ns.fn(ns)
+    except PipelineError as exc:
+        print(f"eagle-pipeline {ns.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"eagle-pipeline {ns.command}: invalid parameters:\n{exc}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
 
 
 if __name__ == "__main__":

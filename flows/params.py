@@ -21,13 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without torch
     from eagle_core.evaluate import EvalConfig
-    from eagle_core.extract import ExtractConfig
     from eagle_core.tokenize import TokenizeConfig
     from eagle_core.train import TrainConfig
     from eagle_core.vocab import VocabConfig
 
     from eagle_core.download import DownloadConfig
     from eagle_core.export import ExportConfig
+    from eagle_core.extract import ExtractConfig
 
 STAGES = (
     "build_demo_target",
