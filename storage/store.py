@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -46,6 +47,8 @@ ENV_ROOT = "EAGLE_PIPELINE_STORE"
 ENV_S3_ENDPOINT = "EAGLE_PIPELINE_S3_ENDPOINT"  # for MinIO / moto; credentials stay in env
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _HASH_CHUNK = 1 << 20
+# errors a retry cannot fix: no space, quota, read-only fs, name too long
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to no live writer, whoever made it
@@ -343,7 +346,7 @@ class ArtifactStore:
         try:
             return self.fs.exists(p)
         except PermissionError as exc:
-            raise self._io_error(p, exc) from exc
+            raise self._io_error(p, exc, action="read") from exc
 
     def _read_bytes(self, p: str) -> bytes:
         with self.fs.open(p, "rb") as fh:
@@ -356,7 +359,8 @@ class ArtifactStore:
         except FileNotFoundError:
             pass  # removed by someone else in between: the goal is reached
         except OSError as exc:
-            raise self._io_error(p, exc) from exc
+            self._wrap_permanent(p, exc)
+            raise
 
     def _put(self, local: str, p: str) -> None:
         """Move a finished local temp file to its final place, atomically per file.
@@ -374,18 +378,42 @@ class ArtifactStore:
             else:
                 self.fs.put_file(local, p)
         except OSError as exc:
+            self._wrap_permanent(p, exc)
+            raise
+
+    def _wrap_permanent(self, p: str, exc: OSError) -> None:
+        """Raise StoreError for a failure that will not fix itself; else let `exc` propagate.
+
+        Transient trouble (a reset connection, an S3 503, a timeout) stays a plain OSError so
+        that the tasks' `retry_transient` retries it; a StoreError is never retried.
+        """
+        if (
+            isinstance(
+                exc,
+                PermissionError
+                | FileNotFoundError
+                | NotADirectoryError
+                | IsADirectoryError
+                | FileExistsError,
+            )
+            or exc.errno in _PERMANENT_ERRNOS
+        ):
             raise self._io_error(p, exc) from exc
 
-    def _io_error(self, p: str, exc: Exception) -> StoreError:
+    def _io_error(self, p: str, exc: Exception, action: str = "write") -> StoreError:
         reason = type(exc).__name__
-        if isinstance(exc, OSError) and exc.errno == 28:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             reason = "disk full"
+        elif isinstance(exc, OSError) and exc.errno == errno.EROFS:
+            reason = "read-only file system"
         elif isinstance(exc, PermissionError):
             reason = "permission denied"
         elif isinstance(exc, NotADirectoryError | FileExistsError):
             reason = "a parent of the path is a file, not a directory"
+        elif isinstance(exc, FileNotFoundError) and not self.is_local:
+            reason = "no such bucket or container"
         return StoreError(
-            f"cannot write {p} under artifact root {self.root}: {reason} ({exc})",
+            f"cannot {action} {p} under artifact root {self.root}: {reason} ({exc})",
             fix="free space, fix the permissions of the artifact root, or point --store / "
             f"${ENV_ROOT} at a writable location",
         )
@@ -423,7 +451,8 @@ class ArtifactWriter:
                 if not os.access(base, os.W_OK | os.X_OK):
                     raise PermissionError(13, "not writable", base)
             except OSError as exc:
-                raise store._io_error(base, exc) from exc
+                store._wrap_permanent(base, exc)
+                raise
             self._tmp_dir = base
             _remove_stale_temp_files(base)
         else:
@@ -513,7 +542,8 @@ class ArtifactWriter:
                 prefix=f"{_TMP_PREFIX}{_tmp_tag()}-", suffix=suffix, dir=self._tmp_dir
             )
         except OSError as exc:
-            raise self.store._io_error(self._tmp_dir, exc) from exc
+            self.store._wrap_permanent(self._tmp_dir, exc)
+            raise
 
     def _put_bytes(self, name: str, data: bytes) -> None:
         fd, tmp = self._mkstemp()

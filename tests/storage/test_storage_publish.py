@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -202,6 +203,37 @@ def test_unknown_protocol_is_store_error() -> None:
     with pytest.raises(StoreError, match="'nosuchproto'") as info:
         ArtifactStore("nosuchproto://bucket/prefix")
     assert "fsspec URL" in info.value.fix
+
+
+def test_missing_bucket_is_store_error(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EAGLE_PIPELINE_S3_ENDPOINT", s3_endpoint)
+    store = ArtifactStore("s3://no-such-bucket-eagle/prefix")
+    assert not store.is_done("stage", "k")
+    with pytest.raises(StoreError, match="no-such-bucket-eagle/prefix/stage/k/") as info:
+        with store.publish("stage", "k") as w:
+            w.write_bytes("a.bin", b"x")
+    assert "no such bucket" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "exc, permanent",
+    [
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), False),
+        (TimeoutError("read timed out"), False),
+        (OSError(errno.EIO, "I/O error"), False),
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EROFS, "Read-only file system"), True),
+        (PermissionError(errno.EACCES, "Permission denied"), True),
+    ],
+)
+def test_only_permanent_io_errors_become_store_errors(exc: OSError, permanent: bool) -> None:
+    """Transient errors stay OSErrors: the tasks retry those, never a StoreError."""
+    store = ArtifactStore("memory://eagle-classify")
+    if permanent:
+        with pytest.raises(StoreError, match="/stage/k/a.bin"):
+            store._wrap_permanent("/stage/k/a.bin", exc)
+    else:
+        store._wrap_permanent("/stage/k/a.bin", exc)  # returns: the caller re-raises exc
 
 
 def test_memory_root_works() -> None:
