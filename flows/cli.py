@@ -115,7 +115,6 @@ def _ref(url: str, stage: str) -> Any:
 
 def _cmd_tokenize(ns: argparse.Namespace) -> str:
     from eagle_core.tokenize import tokenize
-
     from flows.params import TokenizeParams
 
     cfg = _section(TokenizeParams, ns).tokenize_config(ns.tokenizer, ns.format, ns.seed)

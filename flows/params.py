@@ -12,7 +12,6 @@ secrets, Prefect blocks), never from parameters.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,17 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without torch
     from eagle_core.evaluate import EvalConfig
-    from eagle_core.tokenize import TokenizeConfig
-    from eagle_core.train import TrainConfig
     from eagle_core.vocab import VocabConfig
 
     from eagle_core.download import DownloadConfig
     from eagle_core.export import ExportConfig
     from eagle_core.extract import ExtractConfig
+    from eagle_core.regenerate import RegenerateConfig
+    from eagle_core.tokenize import TokenizeConfig
+    from eagle_core.train import TrainConfig
 
 STAGES = (
     "build_demo_target",
     "download",
+    "regenerate",
     "tokenize",
     "scan_vocab",
     "extract_hidden",
@@ -42,6 +43,7 @@ STAGES = (
 Stage = Literal[
     "build_demo_target",
     "download",
+    "regenerate",
     "tokenize",
     "scan_vocab",
     "extract_hidden",
@@ -50,6 +52,18 @@ Stage = Literal[
     "evaluate",
 ]
 DEMO = "demo"  # `target: demo` builds the demo target and uses its data files
+
+
+def _check_url_has_no_secret(v: str, field: str) -> str:
+    """Refuse `user:password@` and query strings (signed URLs, tokens) in a URL parameter:
+    parameters are stored in the flow run and shown in the UI."""
+    parts = urllib.parse.urlsplit(v)
+    if parts.password or parts.username or parts.query:
+        raise ValueError(
+            f"{field} must not carry credentials or a query string; give them to the worker "
+            "as environment variables (a Kubernetes secret or a Prefect block)"
+        )
+    return v
 
 
 class _Section(BaseModel):
@@ -101,11 +115,44 @@ class DataParams(_Section):
 
 
 class RegenerateParams(_Section):
-    """Regenerate: let the target rewrite the answers / FIM middles (on-policy data)."""
+    """Regenerate: the target rewrites the answers / FIM middles (on-policy data)."""
 
     enabled: bool = Field(
         False, description="Rewrite answers with the target before tokenizing (slow)"
     )
+    backend: Literal["local", "server"] = Field(
+        "local", description="local: transformers in the worker; server: OpenAI-compatible URL"
+    )
+    server_url: str = Field("", description="Server backend: e.g. http://vllm:8000 (no key here)")
+    api_key_env: str = Field(
+        "", description="NAME of the env variable holding the server's API key (not the key)"
+    )
+    max_new_tokens: int = Field(1024, ge=1, description="Longest regenerated answer (tokens)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy)")
+    last_turn_only: bool = Field(False, description="Regenerate only the last assistant turn")
+
+    @field_validator("server_url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return _check_url_has_no_secret(v, "regenerate.server_url")
+
+    def regenerate_config(
+        self, *, target: str, tokenizer: str, fim_order: str, seed: int
+    ) -> RegenerateConfig:
+        from eagle_core.regenerate import RegenerateConfig
+
+        return RegenerateConfig(
+            backend=self.backend,
+            target=target,
+            tokenizer=tokenizer or None,
+            server_url=self.server_url or None,
+            api_key_env=self.api_key_env or None,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            last_turn_only=self.last_turn_only,
+            fim_order=fim_order,  # type: ignore[arg-type]
+            seed=seed,
+        )
 
 
 class TokenizeParams(_Section):
@@ -154,10 +201,14 @@ class ExtractParams(_Section):
     """Extract: target hidden states for offline training."""
 
     batch_size: int = Field(8, ge=1, description="Samples per target forward")
-    dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="Stored hidden-state dtype"
+    max_tokens: int = Field(
+        16384, ge=1, description="Padded tokens per forward (bounds activation memory)"
     )
-    shard_samples: int = Field(1024, ge=1, description="Samples per shard (the resume unit)")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Stored hidden-state dtype (bf16: 8H bytes per token)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present")
+    shard_size: int = Field(256, ge=1, description="Samples per shard (the unit of resume)")
 
     def extract_config(self, target: str) -> ExtractConfig:
         from eagle_core.extract import ExtractConfig
@@ -165,8 +216,10 @@ class ExtractParams(_Section):
         return ExtractConfig(
             target=target,
             batch_size=self.batch_size,
+            max_tokens=self.max_tokens,
             dtype=self.dtype,
-            shard_samples=self.shard_samples,
+            device=self.device,
+            shard_size=self.shard_size,
         )
 
 
@@ -266,15 +319,7 @@ class StorageParams(_Section):
     @field_validator("root")
     @classmethod
     def _no_credentials(cls, v: str) -> str:
-        parts = urllib.parse.urlsplit(v)
-        if parts.password or parts.username:
-            raise ValueError(
-                "the artifact root must not contain credentials; set them in the worker's "
-                "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a Kubernetes secret)"
-            )
-        if parts.query:
-            raise ValueError("the artifact root must not carry a query string (tokens)")
-        return v
+        return _check_url_has_no_secret(v, "storage.root")
 
     def url(self) -> str:
         from storage.store import default_root
@@ -287,7 +332,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "data": {"max_samples": 48},
     "tokenize": {"max_length": 128},
     "vocab": {"draft_vocab_size": 256},
-    "extract": {"batch_size": 8, "shard_samples": 16},
+    "extract": {"batch_size": 8, "shard_size": 16},
     "train": {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "lr": 1e-3, "nproc": 1},
     "evaluate": {"max_prompts": 2, "max_new_tokens": 16, "steps": 3},
 }
@@ -316,10 +361,9 @@ class PipelineParams(_Section):
     def _check(self) -> PipelineParams:
         if self.target != DEMO and not self.data.datasets:
             raise ValueError("data.datasets is empty: list at least one dataset for this target")
-        if self.regenerate.enabled and importlib.util.find_spec("eagle_core.regenerate") is None:
-            raise ValueError(
-                "regenerate.enabled: this installation has no regenerate stage; leave it off"
-            )
+        if self.regenerate.enabled and self.regenerate.backend == "server":
+            if not self.regenerate.server_url:
+                raise ValueError("regenerate.server_url is empty for the server backend")
         return self
 
     def effective(self) -> PipelineParams:

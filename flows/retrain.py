@@ -1,7 +1,7 @@
 """The `retrain` flow: the whole DAG, and the stage-group flows that run parts of it.
 
 ```
-[build_demo_target] -> download (per dataset, parallel) -> tokenize (per dataset, parallel)
+[build_demo_target] -> download (per dataset, parallel) -> [regenerate] -> tokenize (parallel)
     -> scan_vocab (eagle3) -> extract_hidden (offline; per dataset, parallel)
     -> train -> export -> evaluate
 ```
@@ -47,6 +47,7 @@ from tasks.evaluate import evaluate as evaluate_task
 from tasks.evaluate import tau_of
 from tasks.export import export as export_task
 from tasks.extract_hidden import extract_hidden
+from tasks.regenerate import regenerate as regenerate_task
 from tasks.scan_vocab import scan_vocab
 from tasks.tokenize import tokenize as tokenize_task
 from tasks.train import train as train_task
@@ -102,12 +103,32 @@ def _resolve_inputs(
 
 def prepare_data_dag(
     p: PipelineParams, inputs: _Inputs, store_url: str, force: set[str]
-) -> tuple[list[StageRef], list[StageRef], StageRef | None]:
-    """download -> tokenize per dataset (in parallel), then scan_vocab over all of them."""
-    records = [
+) -> tuple[dict[str, list[StageRef]], list[StageRef], StageRef | None]:
+    """download (-> regenerate) -> tokenize per dataset in parallel, then scan_vocab over all.
+
+    Returns:
+        ({"download": [...], "regenerate": [...]}, tokens per dataset, vocab or None).
+    """
+    downloaded = [
         download.submit(p.data.download_config(ds), store_url, force="download" in force)
         for ds in inputs.datasets
     ]
+    records = downloaded
+    if p.regenerate.enabled:
+        records = [
+            regenerate_task.submit(
+                r,
+                p.regenerate.regenerate_config(
+                    target=inputs.target,
+                    tokenizer=inputs.tokenizer,
+                    fim_order=p.tokenize.fim_order,
+                    seed=p.data.seed,
+                ),
+                store_url,
+                force="regenerate" in force,
+            )
+            for r in records
+        ]
     tokens_f = [
         tokenize_task.submit(
             r,
@@ -121,7 +142,10 @@ def prepare_data_dag(
     vocab = None
     if p.train.draft_kind == "eagle3":
         vocab = scan_vocab(tokens, p.vocab.vocab_config(), store_url, force="scan_vocab" in force)
-    return _results(records), tokens, vocab
+    refs = {"download": _results(downloaded), "regenerate": []}
+    if p.regenerate.enabled:
+        refs["regenerate"] = _results(records)
+    return refs, tokens, vocab
 
 
 def train_dag(
@@ -203,7 +227,7 @@ def run_pipeline(params: PipelineParams) -> RetrainResult:
         sorted(force) or "none",
     )
     inputs, demo = _resolve_inputs(p, store_url, force)
-    records, tokens, vocab = prepare_data_dag(p, inputs, store_url, force)
+    data_refs, tokens, vocab = prepare_data_dag(p, inputs, store_url, force)
     hidden, trained = train_dag(p, inputs, tokens, vocab, store_url, force)
     exported, evaluated = release_dag(
         p.export, p.evaluate, inputs, trained, p.train.draft_kind, store_url, force
@@ -211,7 +235,7 @@ def run_pipeline(params: PipelineParams) -> RetrainResult:
 
     refs: dict[str, list[StageRef]] = {
         "build_demo_target": [demo] if demo else [],
-        "download": records,
+        **data_refs,
         "tokenize": tokens,
         "scan_vocab": [vocab] if vocab else [],
         "extract_hidden": hidden,
