@@ -345,15 +345,32 @@ class PipelineParams(_Section):
         DEMO, description="Target model: local dir, Hub name, artifact URL, or 'demo'"
     )
     tokenizer: str = Field("", description="Tokenizer (empty: the target's own)")
-    data: DataParams = Field(default_factory=DataParams)
-    regenerate: RegenerateParams = Field(default_factory=RegenerateParams)
-    tokenize: TokenizeParams = Field(default_factory=TokenizeParams)
-    vocab: VocabParams = Field(default_factory=VocabParams)
-    extract: ExtractParams = Field(default_factory=ExtractParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    export: ExportParams = Field(default_factory=ExportParams)
-    evaluate: EvalParams = Field(default_factory=EvalParams)
-    storage: StorageParams = Field(default_factory=StorageParams)
+    data: DataParams = Field(
+        default_factory=DataParams, description="Datasets, sample cap and seed"
+    )
+    regenerate: RegenerateParams = Field(
+        default_factory=RegenerateParams, description="On-policy answers written by the target"
+    )
+    tokenize: TokenizeParams = Field(
+        default_factory=TokenizeParams, description="Chat / FIM rendering and truncation"
+    )
+    vocab: VocabParams = Field(default_factory=VocabParams, description="Draft vocabulary")
+    extract: ExtractParams = Field(
+        default_factory=ExtractParams, description="Hidden-state extraction (offline mode)"
+    )
+    train: TrainParams = Field(
+        default_factory=TrainParams, description="Draft model, TTT, optimizer and DeepSpeed"
+    )
+    export: ExportParams = Field(
+        default_factory=ExportParams, description="Serving checkpoint layout"
+    )
+    evaluate: EvalParams = Field(
+        default_factory=EvalParams, description="Speculative decoding evaluation"
+    )
+    storage: StorageParams = Field(
+        default_factory=StorageParams,
+        description="Artifact root (credentials come from the worker's environment)",
+    )
     quick: bool = Field(False, description="Quick preset: a few steps everywhere (smoke test)")
     force: list[Stage] = Field(default_factory=list, description="Stages to recompute")
 
