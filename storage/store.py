@@ -51,6 +51,7 @@ _HASH_CHUNK = 1 << 20
 _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 _TMP_PREFIX = ".tmp-"
+UPLOAD_STAGING_DIR = "eagle-pipeline-upload"  # under the system temp dir, for remote roots
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to no live writer, whoever made it
 
 
@@ -456,7 +457,10 @@ class ArtifactWriter:
             self._tmp_dir = base
             _remove_stale_temp_files(base)
         else:
-            self._tmp_dir = tempfile.gettempdir()
+            # one shared staging dir, so a killed uploader's leftovers can be found and removed
+            self._tmp_dir = os.path.join(tempfile.gettempdir(), UPLOAD_STAGING_DIR)
+            os.makedirs(self._tmp_dir, exist_ok=True)
+            _remove_stale_temp_files(self._tmp_dir)
         self._journal = self._read_journal()
 
     # -- shards and resume
@@ -620,7 +624,7 @@ def _tmp_tag() -> str:
 
 
 def _remove_stale_temp_files(base: str) -> None:
-    """Delete temp files that a killed writer left in a local artifact dir.
+    """Delete temp files that a killed writer left in a local artifact (or staging) dir.
 
     A file is stale when its writer (host and pid are in its name) is this host and no
     longer runs, or when it is older than a day (writers on other hosts of a shared disk).

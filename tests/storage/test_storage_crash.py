@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from storage import ArtifactStore
 from storage.shards import batch_tensors, iter_batches
-from storage.store import JOURNAL_DIR, MANIFEST
+from storage.store import JOURNAL_DIR, MANIFEST, UPLOAD_STAGING_DIR
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -65,9 +66,18 @@ def test_sigkill_mid_shard_then_resume(store: ArtifactStore, tmp_path: Path) -> 
     journal = store.fs.ls(store.path(crash_writer.STAGE, key, JOURNAL_DIR), detail=False)
     assert sorted(os.path.basename(p) for p in journal) == [f"{n}.json" for n in done]
     assert not store.fs.exists(store.path(crash_writer.STAGE, key, "shard-00003.parquet"))
-    if store.is_local:
-        leftovers = [n for n in os.listdir(store.path(crash_writer.STAGE, key)) if ".tmp-" in n]
-        assert leftovers, "expected the killed writer's torn temp file"
+    # the killed writer's torn temp file: in the artifact dir (local) or the staging dir
+    tmp_dir = (
+        store.path(crash_writer.STAGE, key)
+        if store.is_local
+        else os.path.join(tempfile.gettempdir(), UPLOAD_STAGING_DIR)
+    )
+    tag = f"-{proc.pid}-"
+
+    def leftovers() -> list[str]:
+        return [n for n in os.listdir(tmp_dir) if n.startswith(".tmp-") and tag in n]
+
+    assert leftovers(), "expected the killed writer's torn temp file"
     assert log_path.read_text().split() == ["0", "1", "2", "3"]
     before = _mtimes(store, key, done)
 
@@ -91,8 +101,7 @@ def test_sigkill_mid_shard_then_resume(store: ArtifactStore, tmp_path: Path) -> 
         )
     # committed: the journal is gone, and so are the dead writer's temp files
     assert not store.fs.exists(store.path(crash_writer.STAGE, key, JOURNAL_DIR))
-    if store.is_local:
-        assert [n for n in os.listdir(store.path(crash_writer.STAGE, key)) if ".tmp-" in n] == []
+    assert leftovers() == []
 
 
 @pytest.mark.parametrize("force", [False, True])
