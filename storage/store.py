@@ -10,7 +10,11 @@ Publishing protocol (why an artifact is either complete or absent):
    rest, overwriting whatever partial files the crash left.
 3. `manifest.json` is written LAST and lists every file with size and sha256, plus the
    parameters and inputs that made the key. It is the commit point: an artifact exists only
-   if its manifest does. Readers never look at a directory without one.
+   if its manifest does. Readers never look at a directory without one. Starting a publish
+   deletes an old manifest of the key first; a clean finish deletes the journal.
+4. Only failures that a retry cannot fix (permission, no space, missing bucket, a file where
+   a directory should be) become `StoreError`; transient I/O errors propagate unchanged so
+   the tasks' retry policy can retry them.
 
 Two runs publishing the same key at once write identical bytes (keys are content hashes), so
 whichever manifest lands last is as valid as the first: compare-and-publish is not needed.
@@ -331,7 +335,10 @@ class ArtifactStore:
     ) -> Iterator[ArtifactWriter]:
         """Write an artifact; its manifest is written only if the block finishes.
 
-        force=True drops the old manifest and journal first, so nothing old is reused.
+        An existing manifest of this key is deleted first (the artifact is being rewritten,
+        so it is not done). The journal of a crashed earlier attempt is kept, so `w.has()`
+        can skip the shards it finished; force=True drops it too, so nothing old is reused.
+        On a clean exit the manifest is written, then the journal is deleted.
         """
         # An artifact being (re)written is not done: its old manifest would describe files
         # this run may overwrite, and survive a crash of this run.
