@@ -104,11 +104,12 @@ class DemoTargetConfig:
         need(self.seq_len >= 16, "seq_len", "use >= 16 (default 256)")
         need(self.train_steps >= 1 and self.batch_size >= 1, "train_steps", "use >= 1")
         need(self.max_train_seconds > 0, "max_train_seconds", "use a positive budget")
+        for mix in ("mix_text", "mix_fim", "mix_chat"):
+            need(getattr(self, mix) >= 0, mix, "use a non-negative mix weight")
         need(
-            min(self.mix_text, self.mix_fim, self.mix_chat) >= 0
-            and self.mix_text + self.mix_fim + self.mix_chat > 0,
+            self.mix_text + self.mix_fim + self.mix_chat > 0,
             "mix_text",
-            "use non-negative mix weights with a positive sum",
+            "give at least one of mix_text, mix_fim, mix_chat a positive weight",
         )
         need(0 < self.heldout_permille < 1000, "heldout_permille", "use 1..999 (default 100)")
 
