@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 
 from eagle_core.errors import ConfigError, DataError
 from eagle_core.fim import FimTokens, discover_fim_tokens
+from eagle_core.models import load_target, load_tokenizer
 from eagle_core.records import RECORD_SCHEMA
 from storage import ArtifactStore, StageRef
 from storage.shards import iter_batches, write_parquet
@@ -108,6 +109,9 @@ class RegenerateConfig:
     max_server_errors: float = 0.1
     shard_size: int = 256  # records per output shard = unit of resume
     batch_size: int = 8  # local: prompts per generate call (length-sorted, left padded)
+    # local: weights dtype; float32 on CPU, bfloat16 on GPU (what servers run) -- in the key
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = None  # local: torch device; None: cuda if available, else cpu
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "server"):
@@ -154,6 +158,11 @@ class RegenerateConfig:
                 f"regenerate.top_p={self.top_p} is not in (0, 1]",
                 fix="use a value in (0, 1], or None (the target's default)",
             )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"regenerate.dtype={self.dtype!r} is not float32, bfloat16 or float16",
+                fix="use float32 on CPU, bfloat16 on GPU",
+            )
         if self.fim_order not in ("psm", "spm"):
             raise ConfigError(
                 f"regenerate.fim_order={self.fim_order!r} is not 'psm' or 'spm'",
@@ -190,10 +199,13 @@ class RegenerateConfig:
             "last_turn_only",
             "fim_order",
             "shard_size",
+            "dtype",
         )
         params = {k: getattr(self, k) for k in keep}
         if self.backend == "local":
             params["model"] = None
+        else:
+            params["dtype"] = None  # the server decides its dtype
         return params
 
     def provenance(self) -> dict[str, Any]:
@@ -203,7 +215,8 @@ class RegenerateConfig:
             "code": CODE_VERSION,
             "target": self.target,
             "backend": self.backend,
-            "model": self.model or self.target if self.backend == "server" else None,
+            "model": (self.model or self.target) if self.backend == "server" else None,
+            "dtype": self.dtype if self.backend == "local" else None,
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -267,26 +280,8 @@ def _fim_prompt(tokens: FimTokens, prefix: str, suffix: str, order: str) -> str:
 # ---- model loading -----------------------------------------------------------------------
 
 
-def _resolve(ref: str, sub: str) -> str:
-    try:
-        from eagle_core.models import resolve_model_dir
-    except ImportError:  # models.py not there yet: local dirs and Hub names only
-        return ref
-    return resolve_model_dir(ref, sub=sub)
-
-
 def _load_tokenizer(cfg: RegenerateConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    ref = cfg.tokenizer or cfg.target
-    path = _resolve(ref, "tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot load the tokenizer {ref!r} ({exc})",
-            fix="pass regenerate.tokenizer (a local dir or Hub name) or a target that has one",
-        ) from exc
+    return load_tokenizer(cfg.tokenizer or cfg.target)
 
 
 def _end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -330,22 +325,13 @@ def _end_of_turn_ids(tokenizer: Any) -> list[int]:
 class LocalBackend:
     """transformers `generate`, length-sorted batches, left padding, KV cache."""
 
-    def __init__(self, cfg: RegenerateConfig, device: str | None = None) -> None:
+    def __init__(self, cfg: RegenerateConfig) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         self.tokenizer = _load_tokenizer(cfg)
-        path = _resolve(cfg.target, "model")
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot load the target {cfg.target!r} ({exc})",
-                fix="pass a local HF model dir, a Hub name or a build_demo_target URL",
-            ) from exc
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_target(cfg.target, dtype=cfg.dtype, device=self.device)
         gen = self.model.generation_config
         eos = gen.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

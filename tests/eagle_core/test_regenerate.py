@@ -226,6 +226,7 @@ def _server_cfg(target: str, url: str, **kw: Any) -> RegenerateConfig:
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"fim_order": "pms"}, "fim_order"),
+        ({"dtype": "fp8"}, "dtype"),
         ({"concurrency": 0}, "concurrency"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"max_server_errors": 2.0}, "max_server_errors"),
@@ -372,7 +373,6 @@ def test_nothing_kept_is_an_error(target_dir: str, tmp_path) -> None:
 # ---- server backend -------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_server_backend_matches_local_greedy(target_dir: str, tmp_path) -> None:
     store, records = _store_records(str(tmp_path), _records())
     local = regenerate(store, records, _cfg(target_dir))
