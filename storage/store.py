@@ -542,7 +542,12 @@ class ArtifactWriter:
             self._write_journal(entry)
 
     def _write_journal(self, entry: FileEntry) -> None:
-        jname = f"{JOURNAL_DIR}/{entry.name.replace('/', '__')}.json"
+        # flat journal dir; a nested name also carries its hash, so `a/b` and `a__b` differ
+        stem = entry.name
+        if "/" in stem:
+            digest = hashlib.sha256(stem.encode()).hexdigest()[:12]
+            stem = f"{stem.replace('/', '__')}.{digest}"
+        jname = f"{JOURNAL_DIR}/{stem}.json"
         data = json.dumps(dataclasses.asdict(entry)).encode()
         self._put_bytes(jname, data)
 

@@ -141,3 +141,16 @@ def test_has_checks_size_and_optionally_hash(store: ArtifactStore) -> None:
         w.write_bytes("a.bin", b"aaaa")
         w.write_bytes("b.bin", b"bbbb")
     store.verify(store.ref("s", "k1"))
+
+
+def test_nested_journal_names_do_not_collide(store: ArtifactStore) -> None:
+    with pytest.raises(RuntimeError), store.publish("s", "k2") as w:
+        w.write_bytes("a/b.bin", b"nested", journal=True)
+        w.write_bytes("a__b.bin", b"flat", journal=True)
+        raise RuntimeError("crash")
+    with store.publish("s", "k2") as w:
+        assert w.journaled == ["a/b.bin", "a__b.bin"]
+        assert w.has("a/b.bin") and w.has("a__b.bin")
+    ref = store.ref("s", "k2")
+    assert store.read_bytes(ref, "a/b.bin") == b"nested"
+    assert store.read_bytes(ref, "a__b.bin") == b"flat"
