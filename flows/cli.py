@@ -121,6 +121,22 @@ def _cmd_tokenize(ns: argparse.Namespace) -> str:
     return tokenize(_store(ns), _ref(ns.records, "download"), cfg, force=ns.force).url
 
 
+def _cmd_regenerate(ns: argparse.Namespace) -> str:
+    from eagle_core.regenerate import regenerate
+    from flows.params import RegenerateParams
+
+    cfg = _section(RegenerateParams, ns).regenerate_config(
+        target=ns.target, tokenizer=ns.tokenizer, fim_order=ns.fim_order, seed=ns.seed
+    )
+    return regenerate(
+        _store(ns),
+        _ref(ns.records, "download"),
+        cfg,
+        force=ns.force,
+        progress=_bar("regenerate"),
+    ).url
+
+
 def _cmd_scan_vocab(ns: argparse.Namespace) -> str:
     from eagle_core.vocab import scan_vocab
 
@@ -265,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         EvalParams,
         ExportParams,
         ExtractParams,
+        RegenerateParams,
         TokenizeParams,
         TrainParams,
         VocabParams,
@@ -318,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="chat", choices=["chat", "fim", "tokens", "auto"])
     p.add_argument("--seed", type=int, default=0)
     _add_section_options(p, TokenizeParams)
+
+    p = stage(
+        "regenerate",
+        "the target rewrites answers / FIM middles (local transformers or an OpenAI-compatible "
+        "server; the API key is read from the env variable --api-key-env names)",
+        _cmd_regenerate,
+    )
+    p.add_argument("--records", required=True, help="download artifact URL")
+    p.add_argument("--target", required=True, help="target model dir, Hub name or artifact URL")
+    p.add_argument("--tokenizer", default="", help="tokenizer (default: the target's)")
+    p.add_argument("--fim-order", default="psm", choices=["psm", "spm"])
+    p.add_argument("--seed", type=int, default=0)
+    _add_section_options(p, RegenerateParams, skip=("enabled",))
 
     p = stage("scan-vocab", "choose the draft vocabulary", _cmd_scan_vocab)
     p.add_argument(

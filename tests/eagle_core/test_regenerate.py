@@ -540,3 +540,31 @@ def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(target_dir: str, tmp_
     assert {k: v for k, v in m_resumed.counts.items() if k not in timing} == {
         k: v for k, v in m_clean.counts.items() if k not in timing
     }
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_regenerate_prints_artifact_url_last(target_dir: str, tmp_path, capsys) -> None:
+    from flows.cli import main
+
+    store, records = _store_records(str(tmp_path), _records())
+    rc = main(
+        [
+            "regenerate",
+            "--store",
+            store.root,
+            "--records",
+            records.url,
+            "--target",
+            target_dir,
+            "--max-new-tokens",
+            "32",
+        ]
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    ref_store, stage, key = ArtifactStore.for_url(out[-1])
+    assert stage == "regenerate" and ref_store.is_done(stage, key)
+    rows = _read(ref_store, ref_store.ref(stage, key))
+    assert rows["f-add"]["middle"] == FIM_ADD[1]
