@@ -139,7 +139,6 @@ def _cmd_regenerate(ns: argparse.Namespace) -> str:
 
 def _cmd_scan_vocab(ns: argparse.Namespace) -> str:
     from eagle_core.vocab import scan_vocab
-
     from flows.params import VocabParams
 
     tokens = [_ref(u, "tokenize") for u in ns.tokens]
@@ -163,7 +162,6 @@ def _cmd_extract(ns: argparse.Namespace) -> str:
 
 def _cmd_train(ns: argparse.Namespace) -> str:
     from eagle_core.launch import launch_training
-
     from flows.params import TrainParams
 
     p = _section(TrainParams, ns)

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without torch
     from eagle_core.evaluate import EvalConfig
-    from eagle_core.vocab import VocabConfig
 
     from eagle_core.download import DownloadConfig
     from eagle_core.export import ExportConfig
@@ -28,6 +27,7 @@ if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without
     from eagle_core.regenerate import RegenerateConfig
     from eagle_core.tokenize import TokenizeConfig
     from eagle_core.train import TrainConfig
+    from eagle_core.vocab import VocabConfig
 
 STAGES = (
     "build_demo_target",
@@ -167,7 +167,8 @@ class TokenizeParams(_Section):
         le=1.0,
         description="Share of FIM samples in FIM order (rest: left-to-right)",
     )
-    max_length: int = Field(2048, ge=16, le=131072, description="Max tokens per sample")
+    max_length: int = Field(2048, ge=8, le=131072, description="Max tokens per sample")
+    keep_reasoning: bool = Field(True, description="Train on reasoning content of answers")
 
     def tokenize_config(
         self, tokenizer: str, kind: Literal["chat", "fim", "tokens"], seed: int
@@ -180,6 +181,7 @@ class TokenizeParams(_Section):
             fim_order=self.fim_order,
             fim_rate=self.fim_rate,
             max_length=self.max_length,
+            keep_reasoning=self.keep_reasoning,
             seed=seed,
         )
 
@@ -233,36 +235,50 @@ class TrainParams(_Section):
         "offline", description="offline: from extracted hidden states; online: target in the step"
     )
     ttt_steps: int = Field(7, ge=1, le=16, description="Unrolled training-time-test steps")
-    lr: float = Field(5e-5, gt=0, le=1.0, description="AdamW learning rate")
-    batch_size: int = Field(4, ge=1, description="Samples per step per process")
-    steps: int = Field(2000, ge=1, description="Optimizer steps")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Training precision")
+    lr: float = Field(5e-5, gt=0, lt=1.0, description="AdamW learning rate")
+    batch_size: int = Field(1, ge=1, description="Micro batch per process")
+    grad_accum: int = Field(1, ge=1, description="Micro batches per optimizer step")
+    epochs: int = Field(1, ge=1, description="Passes over the data (when steps is empty)")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps (empty: epochs x data)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Training precision (auto: bf16 on GPU, fp32 on CPU)"
+    )
     nproc: int = Field(1, ge=1, le=64, description="Processes (GPUs) on this node")
     launcher: Literal["deepspeed", "torchrun", "inline"] = Field(
         "deepspeed", description="How training processes start (inline: in the worker)"
     )
-    checkpoint_every: int = Field(500, ge=1, description="Steps between resumable checkpoints")
-    seed: int = Field(0, ge=0, description="Seed of init and data order")
+    # the core's default is 0 (only at the end); a pipeline run must be resumable
+    checkpoint_every: int = Field(
+        500, ge=0, description="Steps between resumable checkpoints (0: only at the end)"
+    )
+    seed: int = Field(0, ge=0, description="Seed of draft init and data order")
 
     def train_config(
         self, *, store_url: str, target: str, data: list[str], vocab_map: str | None
     ) -> TrainConfig:
         from eagle_core.train import TrainConfig
 
+        precision = self.precision
+        if precision == "auto":
+            import torch
+
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
         return TrainConfig(
             store=store_url,
             target=target,
             data=tuple(data),
-            vocab_map=vocab_map,
+            vocab_map=vocab_map if self.draft_kind == "eagle3" else None,
             kind=self.draft_kind,
             mode=self.mode,
             ttt_steps=self.ttt_steps,
             lr=self.lr,
             batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            epochs=self.epochs,
             steps=self.steps,
             zero_stage=self.zero_stage,
-            precision=self.precision,
+            precision=precision,
             checkpoint_every=self.checkpoint_every,
             seed=self.seed,
         )

@@ -16,9 +16,17 @@ if TYPE_CHECKING:
     from eagle_core.download import DownloadConfig
 
 
+def _run_name() -> str:
+    """`download-<file name of the first source>` (the UI's task-run list)."""
+    from prefect.runtime import task_run
+
+    cfg = task_run.parameters["cfg"]
+    return "download-" + cfg.sources[0].name.rstrip("/").rsplit("/", 1)[-1]
+
+
 @task(
     name="download",
-    task_run_name="download-{cfg.source}",
+    task_run_name=lambda: _run_name(),
     cache_policy=NO_CACHE,  # the artifact store's manifest is the cache (STYLE.md §4)
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
@@ -39,5 +47,6 @@ def download(cfg: DownloadConfig, store_url: str, force: bool = False) -> StageR
     log, store, started = get_run_logger(), ArtifactStore(store_url), time.time()
     ref = run(store, cfg, force=force)
     ui.report_outcome(log, store, ref, started)
-    ui.counts_table(ref, description=f"download of {cfg.source}: rows kept and rejected")
+    names = ", ".join(src.name for src in cfg.sources)
+    ui.counts_table(ref, description=f"download of {names}: rows kept and rejected by reason")
     return ref

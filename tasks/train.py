@@ -61,13 +61,14 @@ def _curves(store: ArtifactStore, ref: StageRef) -> None:
         for line in store.read_bytes(ref, METRICS_FILE).splitlines()
         if line.strip()
     ]
-    train_rows = [r for r in rows if "loss" in r and "step" in r]
+    train_rows = [r for r in rows if r.get("kind", "train") == "train" and "loss" in r]
     if not train_rows:
         return
-    series: dict[str, tuple[list[float], list[float]]] = {
-        "loss": ([r["step"] for r in train_rows], [float(r["loss"]) for r in train_rows])
-    }
-    png = ui.line_plot_png(series, title="draft training loss", xlabel="step")
+    if "loss.png" in store.list_files(ref):  # the trainer's own plot
+        png = store.read_bytes(ref, "loss.png")
+    else:
+        series = {"loss": ([r["step"] for r in train_rows], [float(r["loss"]) for r in train_rows])}
+        png = ui.line_plot_png(series, title="draft training loss", xlabel="step")
     ui.markdown(
         "train",
         "curves",

@@ -181,3 +181,33 @@ def test_sections_convert_to_core_configs():
     assert rc.fim_order == "spm" and rc.tokenizer is None
     quick = demo_target_config(True)
     assert quick.num_layers >= 8 and quick.hidden_size < demo_target_config(False).hidden_size
+
+
+def test_form_defaults_are_the_core_defaults():
+    """The form refers to the core's defaults (STYLE.md §2): converting an untouched section
+    gives the core config's own defaults, except where the form documents a reason."""
+    from eagle_core.extract import ExtractConfig
+    from eagle_core.tokenize import TokenizeConfig
+    from eagle_core.train import TrainConfig
+
+    tc = TrainParams(precision="fp32").train_config(
+        store_url="/s", target="/t", data=["/d"], vocab_map=None
+    )
+    core = TrainConfig(store="/s", target="/t", data=("/d",))
+    for name in (
+        "kind",
+        "mode",
+        "ttt_steps",
+        "lr",
+        "batch_size",
+        "grad_accum",
+        "epochs",
+        "steps",
+        "zero_stage",
+        "precision",
+        "seed",
+    ):
+        assert getattr(tc, name) == getattr(core, name), name
+    assert tc.checkpoint_every == 500 != core.checkpoint_every  # resumable by design
+    assert ExtractParams().extract_config("/t") == ExtractConfig(target="/t")
+    assert TokenizeParams().tokenize_config("/t", "auto", 0) == TokenizeConfig(tokenizer="/t")
