@@ -204,6 +204,8 @@ class RegenerateConfig:
         params = {k: getattr(self, k) for k in keep}
         if self.backend == "local":
             params["model"] = None
+            # batch composition changes float rounding (and which samples share a seed)
+            params["batch_size"] = self.batch_size
         else:
             params["dtype"] = None  # the server decides its dtype
         return params
@@ -371,60 +373,61 @@ class LocalBackend:
 
         results: list[GenResult | None] = [None] * len(requests)
         encoded = [self.encode(r) for r in requests]
-        todo = []
+        groups: dict[tuple[int, ...], list[int]] = {}
         for i, ids in enumerate(encoded):
             if len(ids) >= self.max_positions:
                 results[i] = GenResult("", "error", error="prompt_too_long")
             else:
-                todo.append(i)
-        todo.sort(key=lambda i: (len(encoded[i]), i))  # length-sorted: little padding
+                groups.setdefault(self.stop_ids(requests[i]), []).append(i)
         s = self.settings
         greedy = s["temperature"] == 0.0
-        for start in range(0, len(todo), self.cfg.batch_size):
-            idx = todo[start : start + self.cfg.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # [B, T]
-            mask = torch.zeros((len(idx), width), dtype=torch.long)  # [B, T]
-            stops: set[int] = set()
-            for row, i in enumerate(idx):
-                ids = encoded[i]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)  # left padding
-                mask[row, width - len(ids) :] = 1
-                req = requests[i]
-                stops |= set(req.stop_ids)
-                stops |= set(self.chat_stop_ids if req.messages is not None else self.eos_ids)
-            gen_cfg = GenerationConfig(
-                max_new_tokens=self.cfg.max_new_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else s["temperature"],
-                top_p=None if greedy else s["top_p"],
-                top_k=None if greedy else s["top_k"],
-                eos_token_id=sorted(stops),
-                pad_token_id=self.pad_id,
-                use_cache=True,
-            )
-            # one seed per batch, derived from the requests: the same batch gives the same
-            # samples whether or not the run was resumed
-            torch.manual_seed(_derive_seed(self.cfg.seed, *(requests[i].seed for i in idx)))
-            with torch.no_grad():
-                out = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    generation_config=gen_cfg,
-                )  # [B, T + new]
-            new = out[:, width:].cpu()  # [B, new]
-            for row, i in enumerate(idx):
-                results[i] = self._result(new[row].tolist(), requests[i], stops)
+        # one generate call stops every row at the same ids, so requests with different end
+        # tokens (chat turns, FIM middles) never share a batch
+        for stops, todo in sorted(groups.items()):
+            todo.sort(key=lambda i: (len(encoded[i]), i))  # length-sorted: little padding
+            for start in range(0, len(todo), self.cfg.batch_size):
+                idx = todo[start : start + self.cfg.batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)  # [B,T]
+                mask = torch.zeros((len(idx), width), dtype=torch.long)  # [B, T]
+                for row, i in enumerate(idx):
+                    ids = encoded[i]
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids)  # left padding
+                    mask[row, width - len(ids) :] = 1
+                gen_cfg = GenerationConfig(
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=None if greedy else s["temperature"],
+                    top_p=None if greedy else s["top_p"],
+                    top_k=None if greedy else s["top_k"],
+                    eos_token_id=list(stops),
+                    pad_token_id=self.pad_id,
+                    use_cache=True,
+                )
+                # one seed per batch, derived from its requests: a batch samples the same
+                # whether or not the run was resumed
+                torch.manual_seed(_derive_seed(self.cfg.seed, *(requests[i].seed for i in idx)))
+                with torch.no_grad():
+                    out = self.model.generate(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        generation_config=gen_cfg,
+                    )  # [B, T + new]
+                new = out[:, width:].cpu()  # [B, new]
+                for row, i in enumerate(idx):
+                    results[i] = self._result(new[row].tolist(), set(stops))
         return [r for r in results if r is not None]
 
-    def _result(self, ids: list[int], req: GenRequest, batch_stops: set[int]) -> GenResult:
-        own = set(req.stop_ids) | set(
-            self.chat_stop_ids if req.messages is not None else self.eos_ids
-        )
-        # generation stops a row at any stop id of the batch; a foreign one (another
-        # request's end token) counts as that row's end too, which is what it was for it
+    def stop_ids(self, req: GenRequest) -> tuple[int, ...]:
+        """Ids that end this request's answer: eos (+ end-of-turn for chat) + its own."""
+        base = self.chat_stop_ids if req.messages is not None else self.eos_ids
+        return tuple(sorted(set(base) | set(req.stop_ids)))
+
+    def _result(self, ids: list[int], stops: set[int]) -> GenResult:
+        """Cut the generated ids [new] at the first stop id (rows that finished early are
+        padded after it); no stop id means the row ran into max_new_tokens."""
         for n, tid in enumerate(ids):
-            if tid in own or tid in batch_stops:
+            if tid in stops:
                 text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
                 return GenResult(text, "stop", generated_tokens=n + 1)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -462,6 +465,11 @@ class ServerBackend:
                     "api_key_env=None for a server without --api-key",
                 )
             headers["Authorization"] = f"Bearer {key}"
+        # httpx logs every request at INFO: at millions of requests that drowns the run log
+        # (one line per record is what our logging avoids); respect a level set on purpose
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            httpx_log.setLevel(logging.WARNING)
         self.client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(cfg.timeout_s),

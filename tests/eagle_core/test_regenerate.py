@@ -26,6 +26,7 @@ from eagle_core.records import empty_record, records_table
 from eagle_core.regenerate import (
     REJECT_REASONS,
     RegenerateConfig,
+    _end_of_turn_ids,
     regenerate,
 )
 from storage import ArtifactStore, StageRef
@@ -263,6 +264,15 @@ def test_key_covers_output_settings_not_operational_knobs() -> None:
             **{"target": "m", "backend": "server", "server_url": "http://h:1", **kw}
         )
         assert other.key_params() != a.key_params(), kw
+
+
+def test_end_of_turn_found_from_the_chat_template(small_tokenizer_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    assert _end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    tok.chat_template = None  # no template: nothing found, no crash (eos still stops)
+    assert _end_of_turn_ids(tok) == []
 
 
 # ---- local backend --------------------------------------------------------------------------
