@@ -431,14 +431,20 @@ class _Draft(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)  # copied from the target, frozen
 
-    # rotary_emb is created lazily-free in subclasses after their own modules so that the
-    # state_dict order follows the exported key order; its buffers are not persistent.
     def _make_rotary(self) -> None:
-        self.rotary_emb = LlamaRotaryEmbedding(self.llama_config)
+        # Kept out of the module tree (a tuple is not registered): `.to(torch.bfloat16)` and
+        # DeepSpeed's bf16 cast must not round the RoPE frequencies, which serving engines
+        # compute in fp32. It follows the input's device on use; cos/sin come out in its dtype.
+        self._rope = (LlamaRotaryEmbedding(self.llama_config),)
+
+    @property
+    def rotary_emb(self) -> LlamaRotaryEmbedding:
+        """The target's RoPE (transformers' implementation: every rope_type), fp32 always."""
+        return self._rope[0]
 
     @property
     def draft_target_ids(self) -> Tensor:
-        """Target ids of the draft vocab rows, [Vd] int64 (ascending)."""
+        """Target ids of the draft vocab rows, [Vd] int64 (row i -> target id i + d2t[i])."""
         return self.to_target_ids(
             torch.arange(self.cfg.draft_vocab_size, device=self.embed_tokens.weight.device)
         )
@@ -472,7 +478,10 @@ class _Draft(nn.Module):
                 fix="pass hidden [B, S, H] from init_hidden() or a previous step",
             )
         emb = self.embed_tokens(input_ids).to(hidden.dtype)  # [B, S, H]
-        cos, sin = self.rotary_emb(hidden, positions)  # [B, S, D] each
+        rope = self._rope[0]
+        if rope.inv_freq.device != hidden.device:
+            rope.to(hidden.device)
+        cos, sin = rope(hidden, positions.to(hidden.device))  # [B, S, D] each, hidden's dtype
         out = self._core(emb, hidden, cos, sin, ctx)  # [B, S, H]
         return out, self.logits(out)
 

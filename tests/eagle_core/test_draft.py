@@ -236,3 +236,14 @@ def test_wrong_hidden_width_is_refused(target: LlamaForCausalLM) -> None:
     )
     with pytest.raises(ModelMismatchError, match="embeddings"):
         build_draft(cfg, other)
+
+
+def test_bf16_cast_keeps_rope_in_fp32(target: LlamaForCausalLM) -> None:
+    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=40)
+    draft = build_draft(cfg, target).to(torch.bfloat16)
+    assert draft.fc.weight.dtype == torch.bfloat16
+    assert draft.rotary_emb.inv_freq.dtype == torch.float32  # not rounded by the cast
+    assert not any("rotary" in k or "inv_freq" in k for k in draft.state_dict())
+    x = torch.tensor([[1, 2, 3]])
+    h, logits = draft.step(x, torch.randn(1, 3, H), torch.tensor([[0, 1000, 2000]]), DraftKVCache())
+    assert h.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
