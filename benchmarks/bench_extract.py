@@ -42,8 +42,12 @@ def main() -> None:
     H, vocab = args.hidden, 4096
     work = tempfile.mkdtemp(prefix="bench-extract-")
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=H, intermediate_size=H * 3, num_hidden_layers=args.layers,
-        num_attention_heads=max(H // 64, 1), num_key_value_heads=max(H // 128, 1),
+        vocab_size=vocab,
+        hidden_size=H,
+        intermediate_size=H * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(H // 64, 1),
+        num_key_value_heads=max(H // 128, 1),
         max_position_embeddings=args.length * 2,
     )
     model = LlamaForCausalLM(cfg).eval()
@@ -54,19 +58,24 @@ def main() -> None:
     ids = rng.integers(0, vocab, size=(args.samples, args.length), dtype=np.int32)
     key = store.key("tokenize", {"bench": "extract", "n": args.samples, "T": args.length})
     with store.publish("tokenize", key) as w:
-        table = build_table({
-            "sample_id": [f"s{i}" for i in range(args.samples)],
-            "source": ["bench"] * args.samples,
-            "input_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
-            "loss_mask": pa.array([np.ones(args.length, np.int8)] * args.samples,
-                                  type=pa.list_(pa.int8())),
-        })
+        table = build_table(
+            {
+                "sample_id": [f"s{i}" for i in range(args.samples)],
+                "source": ["bench"] * args.samples,
+                "input_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
+                "loss_mask": pa.array(
+                    [np.ones(args.length, np.int8)] * args.samples, type=pa.list_(pa.int8())
+                ),
+            }
+        )
         write_parquet(w, "shard-00000.parquet", table)
     tokens = store.ref("tokenize", key)
     ecfg = ExtractConfig(target=f"{work}/target", batch_size=args.batch, device="cpu")
 
-    batches = [torch.from_numpy(ids[i:i + args.batch].astype(np.int64))
-               for i in range(0, args.samples, args.batch)]
+    batches = [
+        torch.from_numpy(ids[i : i + args.batch].astype(np.int64))
+        for i in range(0, args.samples, args.batch)
+    ]
 
     def bare() -> None:
         with torch.no_grad():
@@ -97,21 +106,46 @@ def main() -> None:
             exact &= torch.equal(s["aux_hidden"].view(torch.int16), aux[row].view(torch.int16))
             exact &= torch.equal(s["last_hidden"].view(torch.int16), last[row].view(torch.int16))
             buf = io.BytesIO()
-            torch.save({"aux_hidden": aux[row].clone(), "last_hidden": last[row].clone(),
-                        "input_ids": b[row].clone()}, buf)
+            torch.save(
+                {
+                    "aux_hidden": aux[row].clone(),
+                    "last_hidden": last[row].clone(),
+                    "input_ids": b[row].clone(),
+                },
+                buf,
+            )
             torch_save_bytes += buf.tell()
 
     ideal = 8 * H
     rows = [
-        {"measure": "stage time / bare forward", "value": t_stage / t_bare, "target": "<= 1.15",
-         "met": t_stage / t_bare <= 1.15, "detail": f"{t_stage:.3f}s vs {t_bare:.3f}s"},
-        {"measure": "parquet bytes/token / 8H", "value": parquet_bytes / n_tokens / ideal,
-         "target": "<= 1.02", "met": parquet_bytes / n_tokens / ideal <= 1.02,
-         "detail": f"{parquet_bytes / n_tokens:.1f} B/token, 8H={ideal}"},
-        {"measure": "torch.save bytes/token / 8H", "value": torch_save_bytes / n_tokens / ideal,
-         "target": "(reference)", "met": "", "detail": "per-sample torch.save, same tensors"},
-        {"measure": "bit-exact read-back", "value": float(exact), "target": "1", "met": exact,
-         "detail": f"{args.samples} samples, bf16"},
+        {
+            "measure": "stage time / bare forward",
+            "value": t_stage / t_bare,
+            "target": "<= 1.15",
+            "met": t_stage / t_bare <= 1.15,
+            "detail": f"{t_stage:.3f}s vs {t_bare:.3f}s",
+        },
+        {
+            "measure": "parquet bytes/token / 8H",
+            "value": parquet_bytes / n_tokens / ideal,
+            "target": "<= 1.02",
+            "met": parquet_bytes / n_tokens / ideal <= 1.02,
+            "detail": f"{parquet_bytes / n_tokens:.1f} B/token, 8H={ideal}",
+        },
+        {
+            "measure": "torch.save bytes/token / 8H",
+            "value": torch_save_bytes / n_tokens / ideal,
+            "target": "(reference)",
+            "met": "",
+            "detail": "per-sample torch.save, same tensors",
+        },
+        {
+            "measure": "bit-exact read-back",
+            "value": float(exact),
+            "target": "1",
+            "met": exact,
+            "detail": f"{args.samples} samples, bf16",
+        },
     ]
     save("extract", rows, hidden=H, samples=args.samples, length=args.length, batch=args.batch)
 

@@ -28,7 +28,9 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
-def interleaved(a: Callable[[], Any], b: Callable[[], Any], repeats: int = 5) -> tuple[float, float]:
+def interleaved(
+    a: Callable[[], Any], b: Callable[[], Any], repeats: int = 5
+) -> tuple[float, float]:
     """Median times of a and b, alternating runs so machine noise hits both alike."""
     a()
     b()
