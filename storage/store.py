@@ -379,10 +379,21 @@ class ArtifactStore:
         """
         try:
             if self.is_local:
-                os.makedirs(os.path.dirname(p), exist_ok=True)
                 with open(local, "rb+") as fh:
                     os.fsync(fh.fileno())
-                os.replace(local, p) if _same_device(local, p) else _copy_replace(local, p)
+                for attempt in range(3):
+                    os.makedirs(os.path.dirname(p), exist_ok=True)
+                    try:
+                        if _same_device(local, p):
+                            os.replace(local, p)
+                        else:
+                            _copy_replace(local, p)
+                        break
+                    except FileNotFoundError:
+                        # a concurrent writer of the same key removed the (journal) dir
+                        # between makedirs and replace: recreate it and try again
+                        if attempt == 2 or not os.path.exists(local):
+                            raise
             else:
                 self.fs.put_file(local, p)
         except OSError as exc:
@@ -619,6 +630,8 @@ class ArtifactWriter:
         # (a later publish rewrites or force-drops it), so a failure here is only logged.
         try:
             self.store._rm(self.store.path(self.stage, self.key, JOURNAL_DIR), recursive=True)
+        except OSError as exc:  # e.g. a concurrent writer of this key adding an entry
+            log.warning("could not remove the journal of %s: %s", self.url, exc)
         except StoreError as exc:
             log.warning("could not remove the journal of %s: %s", self.url, exc)
 

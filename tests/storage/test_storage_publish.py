@@ -317,3 +317,32 @@ def test_read_only_dir_is_store_error(tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(base)
+
+
+def test_two_writers_of_one_key_both_succeed(store: ArtifactStore) -> None:
+    """Keys are content hashes: concurrent writers put the same bytes; either manifest is valid."""
+    import threading
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def write() -> None:
+        try:
+            with store.publish("stage", "same", params={"p": 1}) as w:
+                barrier.wait(timeout=30)
+                for i in range(3):
+                    w.write_bytes(f"shard-{i:05d}.bin", bytes([i]) * 1000, journal=True)
+                w.counts.update(rows=3)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    ref = store.ref("stage", "same")
+    assert ref.counts == {"rows": 3}
+    assert store.list_files(ref) == [f"shard-{i:05d}.bin" for i in range(3)]
+    store.verify(ref)
