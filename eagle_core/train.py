@@ -873,6 +873,11 @@ def train_main(
     last_eval: dict[str, Any] | None = None
     last_saved = state.step if latest else -1
     try:
+        if heldout_data is not None and cfg.eval_every and state.step == 0:
+            # the untrained draft's numbers: the baseline the curves start from
+            first = _evaluate(engine, heldout_data, setup, cfg, device, dtype, rank, world)
+            if metrics is not None:
+                metrics.log({"kind": "eval", "step": 0, **first})
         while state.step < total_steps:
             plan = plan0 if state.epoch == 0 else _plan(train_data, cfg, state.epoch, world)
             per_step = world * cfg.grad_accum
