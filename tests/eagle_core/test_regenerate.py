@@ -95,10 +95,14 @@ def _records() -> list[dict[str, Any]]:
     ]
 
 
-def _train_sequences(tok) -> list[list[int]]:
-    def chat(msgs: list[dict[str, str]]) -> list[int]:
-        text = tok.apply_chat_template(msgs, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
+def _train_sequences(tok) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, loss_mask) to memorise: the answers only (prompts need not be learned)."""
+
+    def chat(msgs: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        out = tok.apply_chat_template(
+            msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(out["input_ids"]), list(out["assistant_masks"])
 
     fim = discover_fim_tokens(tok)
     seqs = [
@@ -119,7 +123,8 @@ def _train_sequences(tok) -> list[list[int]]:
         for order in ("psm", "spm"):
             # pieces encoded apart, as the tokenize stage trains them
             enc = [tok(t, add_special_tokens=False)["input_ids"] for t in (prefix, middle, suffix)]
-            seqs.append(build_fim_sample(fim, *enc, order).input_ids)
+            sample = build_fim_sample(fim, *enc, order)
+            seqs.append((sample.input_ids, sample.loss_mask))
     return seqs
 
 
@@ -149,13 +154,14 @@ def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactor
         pad_id=tok.pad_token_id,
     )
     seqs = _train_sequences(tok)
-    width = max(map(len, seqs))
+    width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id)  # [B, T] right padded
     labels = torch.full((len(seqs), width), -100)
-    for i, s in enumerate(seqs):
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
-        labels[i, : len(s)] = torch.tensor(s)
-    mask = (labels != -100).long()
+        mask[i, : len(s)] = 1
+        labels[i, : len(s)] = torch.where(torch.tensor(m) == 1, torch.tensor(s), -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(120):
