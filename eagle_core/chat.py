@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from eagle_core.records import Rejected
 log = logging.getLogger(__name__)
 
 MaskMode = Literal["auto", "offsets", "generation"]
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _EOT_LOOKAHEAD = 4  # tokens scanned after an answer for its end-of-turn token
 
 
@@ -191,13 +193,10 @@ def keep_last_run(mask: list[int]) -> list[int]:
 
 
 def choose_mask_mode(template: str, mode: MaskMode) -> Literal["offsets", "generation"]:
+    has_blocks = _GENERATION_BLOCK.search(template) is not None
     if mode == "auto":
-        return (
-            "generation"
-            if "{% generation %}" in template or "{%- generation" in template
-            else "offsets"
-        )
-    if mode == "generation" and "generation" not in template:
+        return "generation" if has_blocks else "offsets"
+    if mode == "generation" and not has_blocks:
         raise ConfigError(
             "chat_mask='generation' but the chat template has no {% generation %} block",
             fix="use chat_mask='offsets' (or 'auto'), or a template with generation blocks",

@@ -124,6 +124,11 @@ class DownloadConfig:
     shard_size: int = 10_000  # records per output shard
     streaming: bool = True  # Hub/dataset-dir sources: stream rows instead of materializing
 
+    @property
+    def source(self) -> str:
+        """The source labels, comma-separated (task run names, log lines)."""
+        return ",".join(s.name for s in self.sources)
+
     def __post_init__(self) -> None:
         srcs = self.sources
         if isinstance(srcs, (SourceSpec, str, dict)):

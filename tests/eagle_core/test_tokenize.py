@@ -261,3 +261,26 @@ def test_num_proc_gives_identical_output(records, bpe_tokenizer_factory):
     rows_one = list(samples(store, one))
     two = tokenize(store, rec, cfg, force=True, num_proc=2)
     assert two.key == one.key and list(samples(store, two)) == rows_one
+
+
+@pytest.mark.slow  # builds the session's small target (tokenizer + briefly trained Llama)
+def test_demo_tokenizer_generation_and_offsets_masks_agree(records, small_tokenizer_dir):
+    """The project's own tokenizer: {% generation %} template and StarCoder FIM tokens."""
+    store, rec = records
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    gen = tokenize(store, rec, TokenizeConfig(tokenizer=small_tokenizer_dir))
+    off = tokenize(store, rec, TokenizeConfig(tokenizer=small_tokenizer_dir, chat_mask="offsets"))
+    meta = store.manifest("tokenize", gen.key).meta
+    assert meta["chat_mask"] == "generation" and meta["fim_family"] == "starcoder"
+    a, b = list(samples(store, gen)), list(samples(store, off))
+    assert a == b and len(a) == len(CHATS) + len(FIMS)
+    by_id = {s["sample_id"]: s for s in a}
+    for f in FIMS:
+        s = by_id[f"m/{f['id']}"]
+        assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == [
+            f["middle"] + "<|endoftext|>"
+        ]
+    s = by_id["m/multi"]
+    assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == [
+        t["content"] + "<|im_end|>" for t in CHATS[0]["messages"] if t["role"] == "assistant"
+    ]
