@@ -160,14 +160,16 @@ def target_distribution(
     v = target_head.shape[0]
     if draft_target_ids.numel() == v:
         return probs, argmax, torch.ones_like(argmax, dtype=torch.bool)
-    other = torch.ones(v, dtype=torch.bool, device=target_head.device)
-    other[draft_target_ids] = False
-    w_o = target_head[other].float()  # [V - Vd, H]
+    is_draft = torch.zeros(v, dtype=torch.bool, device=target_head.device)
+    is_draft[draft_target_ids] = True
     flat = h.reshape(-1, h.shape[-1])  # [B*T, H]
-    best_o = torch.empty(flat.shape[0], device=h.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, w_o.shape[0]))
-    for i in range(0, flat.shape[0], chunk):
-        best_o[i : i + chunk] = (flat[i : i + chunk] @ w_o.T).max(dim=-1).values
+    best_o = torch.full((flat.shape[0],), float("-inf"), device=h.device)
+    # chunks of head rows, cast one at a time: no [V, H] fp32 copy, no [B*T, V] logits
+    rows = max(1, _CHUNK_ELEMENTS // max(1, flat.shape[0]))
+    for i in range(0, v, rows):
+        scores = flat @ target_head[i : i + rows].float().T  # [B*T, rows]
+        scores[:, is_draft[i : i + rows]] = float("-inf")
+        best_o = torch.maximum(best_o, scores.max(dim=-1).values)
     in_vocab = best_d >= best_o.view_as(best_d)  # ties go to the draft row
     return probs, argmax, in_vocab
 
@@ -249,22 +251,32 @@ def compute_loss(
     total = hidden0.new_zeros((), dtype=torch.float32)
     out = LossOutput(loss=total, step_loss=[], step_acc=[], step_count=[])
     steps = draft.ttt_steps(batch.input_ids, hidden0, cfg.steps, cfg.alignment)
+    t_len = batch.input_ids.shape[1]
     for k, (hidden_out, logits) in enumerate(steps):
+        span = t_len - 1 - k  # indices t whose target position t+1+k exists
+        if span <= 0:
+            out.step_loss.append(0.0)
+            out.step_acc.append(0.0)
+            out.step_count.append(0)
+            if is_eagle1:
+                out.step_feature_loss.append(0.0)
+            continue
         w = step_weights(batch.loss_mask, batch.attention_mask, in_vocab, k, cfg.alignment)
+        w = w[:, :span]  # [B, span]
         n = w.sum()
         denom = n.clamp(min=1.0)
-        logp = F.log_softmax(logits.float(), dim=-1)  # [B, T, Vd]
-        ce = -(shift_left(probs, 1 + k) * logp).sum(-1)  # [B, T]
+        logp = F.log_softmax(logits[:, :span].float(), dim=-1)  # [B, span, Vd]
+        ce = -(probs[:, 1 + k :] * logp).sum(-1)  # [B, span]: target of step k at t is t+1+k
         loss_k = (ce * w).sum() / denom
         if is_eagle1:
-            target_feat = shift_left(batch.last_hidden, 1 + k).to(hidden_out.dtype)  # [B, T, H]
-            sl1 = F.smooth_l1_loss(hidden_out.float(), target_feat.float(), reduction="none")
+            target_feat = batch.last_hidden[:, 1 + k :].float()  # [B, span, H]
+            sl1 = F.smooth_l1_loss(hidden_out[:, :span].float(), target_feat, reduction="none")
             feat_k = (sl1.mean(-1) * w).sum() / denom
             out.step_feature_loss.append(float(feat_k.detach()))
             loss_k = cfg.eagle1_feature_weight * feat_k + cfg.eagle1_ce_weight * loss_k
         total = total + (cfg.decay**k) * loss_k
         with torch.no_grad():
-            hit = (logits.argmax(-1) == shift_left(t_argmax, 1 + k)).float()
+            hit = (logits[:, :span].argmax(-1) == t_argmax[:, 1 + k :]).float()
             out.step_acc.append(float((hit * w).sum() / denom))
         out.step_loss.append(float(loss_k.detach()))
         out.step_count.append(int(n.item()))

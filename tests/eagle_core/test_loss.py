@@ -71,7 +71,11 @@ def _batch(target, kind: str, seed: int = 0) -> DraftBatch:
     )
 
 
-def test_restricted_head_equals_full_softmax_gathered() -> None:
+@pytest.mark.parametrize("chunk", [1 << 25, 100], ids=["one-chunk", "many-chunks"])
+def test_restricted_head_equals_full_softmax_gathered(chunk: int, monkeypatch) -> None:
+    import eagle_core.loss
+
+    monkeypatch.setattr(eagle_core.loss, "_CHUNK_ELEMENTS", chunk)  # head rows per chunk
     g = torch.Generator().manual_seed(0)
     last = torch.randn(2, 20, H, generator=g)
     head = torch.randn(V, H, generator=g) * 0.5
