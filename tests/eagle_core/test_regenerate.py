@@ -328,6 +328,25 @@ def test_local_backend_regenerates_chat_and_fim(target_dir: str, tmp_path) -> No
     assert again == ref
 
 
+def test_tokenize_reads_regenerated_records(target_dir: str, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from eagle_core.tokenize import TokenizeConfig, samples, tokenize
+
+    store, records = _store_records(str(tmp_path), _records())
+    regen = regenerate(store, records, _cfg(target_dir))
+    tokens = tokenize(store, regen, TokenizeConfig(tokenizer=target_dir))
+    got = {s["sample_id"]: s for s in samples(store, tokens)}
+    assert set(got) == {"c-doc", "c-multi", "c-open", "f-add", "t-1"}
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    fim = got["f-add"]
+    learned = [i for i, m in zip(fim["input_ids"], fim["loss_mask"], strict=True) if m]
+    assert tok.decode(learned) == FIM_ADD[1] + "<|endoftext|>"  # the target's middle + end
+    doc = got["c-doc"]
+    learned = [i for i, m in zip(doc["input_ids"], doc["loss_mask"], strict=True) if m]
+    assert tok.decode(learned) == A_DOC + "<|im_end|>"
+
+
 @pytest.mark.parametrize("order", ["psm", "spm"])
 def test_fim_middle_stops_at_end_token(target_dir: str, tmp_path, order: str) -> None:
     store, records = _store_records(str(tmp_path), [_fim("f-add", *FIM_ADD)])
