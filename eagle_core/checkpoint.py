@@ -269,12 +269,15 @@ def upload_checkpoint(store: ArtifactStore, stage: str, key: str, path: str) -> 
 def download_latest_checkpoint(
     store: ArtifactStore, stage: str, key: str, run_dir: str
 ) -> str | None:
-    """Fetch the newest complete remote checkpoint into `run_dir` (if newer than local ones)."""
+    """Fetch the newest complete remote checkpoint into `run_dir` if newer than the local ones.
+
+    Returns the latest complete local checkpoint afterwards (None if there is none).
+    """
     base = store.path(stage, key, CHECKPOINTS)
     try:
         entries = store.fs.ls(base, detail=False)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return find_latest_complete(run_dir)
     local = find_latest_complete(run_dir)
     local_step = int(_TAG.match(os.path.basename(local)).group(1)) if local else -1
     tags = sorted((os.path.basename(e.rstrip("/")) for e in entries), reverse=True)
