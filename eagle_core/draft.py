@@ -16,8 +16,9 @@ EAGLE-1 (`Eagle1Draft`): `h = fc(cat(embed(x[t+1]), feature[t]))` (2H -> H, with
 embeddings first as in the reference `torch.cat((inputs_embeds, hidden_states), dim=-1)`),
 one Llama decoder layer `layers.0`, `logits = lm_head(hidden_out)` with the target's frozen
 lm_head; feature = the target's final-normed last hidden state, and hidden_out is the
-predicted next feature. As in the reference EAGLE-1 code, layer 0 does NOT apply its
-`input_layernorm` (the weight exists, so checkpoints keep the reference keys, but is unused).
+predicted next feature. As in the reference EAGLE-1 code (and vLLM / SGLang, which make it
+an identity), layer 0 does NOT apply an `input_layernorm`; the frozen all-ones weight exists
+only for state_dict compatibility and is not part of the reference layout.
 
 Attribute names are the exported checkpoint keys (FORMATS.md), so export is `state_dict()`.
 
@@ -404,7 +405,11 @@ class Eagle1Layer(nn.Module):
     def __init__(self, cfg: DraftConfig, llama_cfg: LlamaConfig):
         super().__init__()
         h = cfg.hidden_size
-        self.input_layernorm = LlamaRMSNorm(h, eps=cfg.rms_norm_eps)  # kept for the keys; unused
+        # Reference EAGLE-1 (and vLLM/SGLang's EAGLE-1 layer 0) has no input norm: skipped in
+        # forward, frozen (no unused trainable parameter for DDP/DeepSpeed), kept only so that
+        # state_dicts of earlier runs load; export should leave it out.
+        self.input_layernorm = LlamaRMSNorm(h, eps=cfg.rms_norm_eps)
+        self.input_layernorm.weight.requires_grad_(False)
         self.self_attn = DraftAttention(cfg, in_dim=h)
         self.post_attention_layernorm = LlamaRMSNorm(h, eps=cfg.rms_norm_eps)
         self.mlp = LlamaMLP(llama_cfg)

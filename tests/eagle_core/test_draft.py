@@ -81,7 +81,7 @@ def test_eagle1_keys_and_frozen_target_parts(target: LlamaForCausalLM) -> None:
     assert torch.equal(draft.embed_tokens.weight, target.model.embed_tokens.weight)
     trainable = {n for n, p in draft.named_parameters() if p.requires_grad}
     assert "lm_head.weight" not in trainable and "embed_tokens.weight" not in trainable
-    assert "fc.weight" in trainable
+    assert "fc.weight" in trainable and "layers.0.input_layernorm.weight" not in trainable
 
 
 def test_embeddings_copied_and_frozen(target: LlamaForCausalLM) -> None:
@@ -247,3 +247,20 @@ def test_bf16_cast_keeps_rope_in_fp32(target: LlamaForCausalLM) -> None:
     x = torch.tensor([[1, 2, 3]])
     h, logits = draft.step(x, torch.randn(1, 3, H), torch.tensor([[0, 1000, 2000]]), DraftKVCache())
     assert h.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_eagle1_layer0_has_no_input_norm(target: LlamaForCausalLM) -> None:
+    """Reference EAGLE-1: layer 0 feeds fc's output to attention un-normed."""
+    draft = build_draft(DraftConfig.from_target_config(target.config, kind="eagle1"), target)
+    layer = draft.layers[0]
+    assert not layer.input_layernorm.weight.requires_grad
+    seen = {}
+    handle = layer.self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, inp: seen.__setitem__("x", inp[0])
+    )
+    ids, h = torch.tensor([[1, 2]]), torch.randn(1, 2, H)
+    with torch.no_grad():
+        draft.step(ids, h, torch.arange(2)[None], DraftKVCache())
+        fc_out = draft.fc(torch.cat([draft.embed_tokens(ids), h], dim=-1))
+    handle.remove()
+    torch.testing.assert_close(seen["x"], fc_out)
