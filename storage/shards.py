@@ -10,6 +10,7 @@ rows = nbytes / (itemsize * prod(inner_shape)).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,7 +26,10 @@ from storage.errors import ArtifactError
 from storage.store import ArtifactStore, ArtifactWriter, StageRef
 
 TENSOR_META_KEY = b"eagle.tensors"
-ROW_GROUP_ROWS = 64  # small row groups: readers stream a shard instead of loading it whole
+# Row groups of about this many uncompressed bytes: small enough that a reader streams a shard
+# of multi-MB hidden-state rows, large enough that token shards (KB rows) decode at full speed
+# (64-row groups made the vocab scan 5x slower).
+ROW_GROUP_BYTES = 32 << 20
 
 _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -157,13 +161,18 @@ def write_parquet(writer: ArtifactWriter, name: str, table: pa.Table, journal: b
             table,
             path,
             compression="zstd",
-            row_group_size=ROW_GROUP_ROWS,
+            row_group_size=_row_group_rows(table),
             # min/max statistics of multi-MB binary cells would duplicate the data
             write_statistics=[c for c in table.column_names if c not in tensor_cols],
             use_dictionary=[c for c in table.column_names if c not in tensor_cols],
         )
 
     writer.write_file(name, _write, journal=journal)
+
+
+def _row_group_rows(table: pa.Table) -> int:
+    per_row = table.nbytes / max(table.num_rows, 1)
+    return int(min(max(ROW_GROUP_BYTES // max(per_row, 1), 1), 1 << 16))
 
 
 def write_pt(writer: ArtifactWriter, name: str, obj: Mapping[str, Any], journal: bool = True):
@@ -198,8 +207,11 @@ def iter_batches(
     """Stream record batches from the Parquet shards of an artifact, in name order."""
     names = list(names) if names is not None else store.list_files(ref, suffix=".parquet")
     for name in names:
-        with store.open(ref, name) as fh:
-            pf = pq.ParquetFile(fh)
+        # local roots: let Arrow memory-map the file (its native reader is ~5x faster than
+        # reading through a Python file object)
+        source = store.path(ref.stage, ref.key, name) if store.is_local else None
+        with contextlib.nullcontext(source) if source else store.open(ref, name) as fh:
+            pf = pq.ParquetFile(fh, memory_map=source is not None)
             specs = tensor_specs(pf.schema_arrow)
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
                 # keep the tensor specs on every batch so callers can decode
