@@ -227,28 +227,21 @@ def tokenize_chats(
         ChatSample (input_ids [T], loss_mask [T]) or Rejected(ChatReason...).
     """
     results: list[ChatSample | Rejected | None] = [None] * len(conversations)
+    all_msgs = [template_messages(conv, keep_reasoning) for conv in conversations]
+    if mask_mode == "generation":
+        for n, res in enumerate(_generation_masks(tokenizer, all_msgs, template)):
+            if isinstance(res, ChatSample) and last_turn_only:
+                res = ChatSample(res.input_ids, keep_last_run(res.loss_mask))
+            results[n] = res
+        return results  # type: ignore[return-value]
     texts: list[str] = []
     where: list[tuple[int, list[tuple[int, int]]]] = []
     specials = special_token_ids(tokenizer)
-    for n, conv in enumerate(conversations):
-        msgs = template_messages(conv, keep_reasoning)
+    for n, msgs in enumerate(all_msgs):
         try:
-            if mask_mode == "generation":
-                out = tokenizer.apply_chat_template(
-                    msgs,
-                    chat_template=template,
-                    tokenize=True,
-                    return_dict=True,
-                    return_assistant_tokens_mask=True,
-                )
-                ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-                if last_turn_only:
-                    mask = keep_last_run(mask)
-                results[n] = ChatSample(ids, mask)
-                continue
             text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)
-        except Exception as exc:  # jinja raises TemplateError / its own exceptions
-            results[n] = Rejected(ChatReason.TEMPLATE_ERROR, f"{type(exc).__name__}: {exc}"[:120])
+        except Exception as exc:  # jinja raises TemplateError and the template's own errors
+            results[n] = _template_error(exc)
             continue
         spans = find_assistant_spans(text, msgs)
         if spans is None:
@@ -268,3 +261,40 @@ def tokenize_chats(
             mask = mask_from_offsets(ids, offs, text, spans, specials)
             results[n] = ChatSample(list(ids), mask)
     return results  # type: ignore[return-value]
+
+
+def _template_error(exc: Exception) -> Rejected:
+    return Rejected(ChatReason.TEMPLATE_ERROR, f"{type(exc).__name__}: {exc}"[:120])
+
+
+def _generation_masks(
+    tokenizer: Any, all_msgs: list[list[dict[str, str]]], template: str
+) -> list[ChatSample | Rejected]:
+    """The template's own assistant masks, one batched call; per conversation only if a
+    conversation makes the template raise (so one bad row is one reject)."""
+
+    def call(convs: list[list[dict[str, str]]]) -> list[ChatSample]:
+        out = tokenizer.apply_chat_template(
+            convs,
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        return [
+            ChatSample(list(ids), list(mask))
+            for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)
+        ]
+
+    if not all_msgs:
+        return []
+    try:
+        return list(call(all_msgs))
+    except Exception:  # some conversation broke the template: find it, keep the others
+        results: list[ChatSample | Rejected] = []
+        for msgs in all_msgs:
+            try:
+                results.extend(call([msgs]))
+            except Exception as exc:
+                results.append(_template_error(exc))
+        return results

@@ -226,13 +226,19 @@ class FileSplitter:
     seed: int = 0
     ast_fallbacks: int = 0
 
-    def __call__(self, content: str, sample_id: str) -> tuple[str, str, str]:
+    def __call__(
+        self, content: str, sample_id: str, is_python: bool | None = None
+    ) -> tuple[str, str, str]:
+        """Split one file. is_python=False skips the AST attempt (known non-Python file)."""
         rng = record_rng(self.seed, sample_id, "fim_split")
         if self.mode == "chars":
             return split_chars(content, rng)
         if self.mode == "lines":
             return split_lines(content, rng)
         if self.mode == "ast":
+            if is_python is False:
+                self.ast_fallbacks += 1
+                return split_lines(content, rng)
             parts, used = split_ast(content, rng)
             self.ast_fallbacks += not used
             return parts

@@ -10,7 +10,7 @@ Record kinds (column `kind`):
   and OpenAI `messages` ({"role", "content"}) are both accepted; roles are mapped by
   `ROLE_ALIASES`. A system prompt may only open the conversation.
 - "fim": `prefix`, `middle`, `suffix`. Whole files (`content`) are split at download time
-  by `eagle_core.fim.split_file` with a per-record seed, so the split is stable.
+  by `eagle_core.fim.FileSplitter` with a per-record seed, so the split is stable.
 - "tokens": `input_ids` (list<int32>) + `loss_mask` (list<int8>), passed through.
 """
 
@@ -207,8 +207,20 @@ def normalize_chat(raw: Mapping[str, Any]) -> list[dict[str, str]] | Rejected:
     return out
 
 
-FileSplitter = Callable[[str, str], tuple[str, str, str]]
-"""(content, sample_id) -> (prefix, middle, suffix); seeded by the caller's config."""
+FileSplitter = Callable[[str, str, "bool | None"], tuple[str, str, str]]
+"""(content, sample_id, is_python) -> (prefix, middle, suffix); seeded by the caller."""
+
+
+def is_python_file(raw: Mapping[str, Any]) -> bool | None:
+    """True/False when a whole-file row says its language (`language`, or `path`/`lang`
+    extension), None when it does not (AST spans then try to parse it)."""
+    lang = raw.get("language", raw.get("lang"))
+    if isinstance(lang, str) and lang.strip():
+        return lang.strip().lower() in ("python", "py", "python3")
+    path = raw.get("path", raw.get("max_stars_repo_path"))
+    if isinstance(path, str) and "." in path.rsplit("/", 1)[-1]:
+        return path.lower().endswith((".py", ".pyi", ".pyw"))
+    return None
 
 
 def normalize_fim(
@@ -226,7 +238,7 @@ def normalize_fim(
             return Rejected(Reason.NOT_UTF8, "content holds lone surrogates")
         if split_file is None:
             return Rejected(Reason.MISSING_FIM_FIELD, "whole file but no splitter configured")
-        parts = split_file(content, sample_id)
+        parts = split_file(content, sample_id, is_python_file(raw))
     else:
         missing = [k for k in ("prefix", "middle", "suffix") if not isinstance(raw.get(k), str)]
         if missing:
