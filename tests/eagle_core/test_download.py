@@ -234,3 +234,19 @@ def test_config_validation_and_options(tmp_path):
             ArtifactStore(str(tmp_path / "s")),
             DownloadConfig(sources=(SourceSpec(path=str(tmp_path / "none*.jsonl")),)),
         )
+
+
+def test_compressed_jsonl_and_local_glob(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wb") as fh:
+        fh.write(b"".join(json.dumps(chat(i)).encode() + b"\n" for i in range(3)))
+    write_jsonl(tmp_path / "b.jsonl", [chat(i) for i in range(3, 5)])
+    store = ArtifactStore(str(tmp_path / "store"))
+    ref = download(
+        store,
+        DownloadConfig(
+            sources=(SourceSpec(path=str(tmp_path / "*.jsonl*"), label="g"),), shuffle=False
+        ),
+    )
+    assert [r["sample_id"] for r in read_records(store, ref)] == [f"g/c{i}" for i in range(5)]

@@ -140,3 +140,14 @@ def test_splitter_is_seeded_per_record():
     first = [a(CODE, i) for i in ids]
     assert [b(CODE, i) for i in reversed(ids)] == list(reversed(first))  # order-independent
     assert len({f[1] for f in first}) > 1
+
+
+def test_language_hint_skips_ast_for_non_python():
+    from eagle_core.records import is_python_file
+
+    assert is_python_file({"content": "x", "path": "a/b.py"}) is True
+    assert is_python_file({"content": "x", "language": "JavaScript"}) is False
+    assert is_python_file({"content": "x"}) is None
+    sp = FileSplitter("ast", seed=0)
+    p, m, s = sp("x = 1\ny = 2\nz = 3\n", "id", False)  # valid Python, but a .js file
+    assert sp.ast_fallbacks == 1 and m.endswith("\n")
