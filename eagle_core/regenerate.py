@@ -77,6 +77,7 @@ REJECT_REASONS = (
     "bad_record",
 )
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAX_REJECT_EXAMPLES = 5  # sample ids kept per reject reason (manifest meta), to look into
 _RETRY_BACKOFF_MAX_S = 30.0  # a server restarting takes seconds; longer waits only stall
 
 
@@ -657,8 +658,10 @@ def _regenerate_rows(
             if row.get("prefix") is None or row.get("suffix") is None:
                 job.reject = "bad_record"
             jobs.append(job)
-        else:  # pre-tokenized: nothing to regenerate
+        elif kind == "tokens":  # pre-tokenized: nothing to regenerate, passed through
             jobs.append(_Job(row))
+        else:
+            jobs.append(_Job(row, reject="bad_record"))
 
     # round 0: every FIM middle and every chat's first turn; round r: chats' r-th turns
     round_no = 0
@@ -696,14 +699,18 @@ def _regenerate_rows(
 
     provenance = cfg.provenance()
     kept: list[dict[str, Any]] = []
+    examples: dict[str, list[str]] = {}
     for job in jobs:
         stats["generated_tokens"] += job.tokens
         if job.reject is not None:
             stats[f"rejected_{job.reject}"] += 1
+            ids = examples.setdefault(job.reject, [])
+            if len(ids) < _MAX_REJECT_EXAMPLES:
+                ids.append(str(job.row.get("sample_id")))
             continue
         row = dict(job.row)
         kind = row.get("kind")
-        if kind not in ("chat", "fim"):
+        if kind == "tokens":
             stats["passthrough"] += 1
             kept.append(row)
             continue
@@ -732,6 +739,7 @@ def _regenerate_rows(
             "kept and this one is redone",
         )
     stats["kept"] = len(kept)
+    stats["reject_examples"] = examples
     stats["rejected"] = sum(stats[f"rejected_{r}"] for r in REJECT_REASONS)
     return kept, stats
 
@@ -831,6 +839,7 @@ def regenerate(
         return state["fim"]
 
     totals: dict[str, Any] = {}
+    examples: dict[str, list[str]] = {}
     gen_s = 0.0
     gen_tokens_this_run = 0
     meta = {"provenance": cfg.provenance()}
@@ -863,6 +872,9 @@ def regenerate(
                         stats_name, json.dumps(stats, sort_keys=True).encode(), journal=True
                     )
                     log.debug("regenerate %s: %s %s", key, name, stats)
+                for reason, ids in stats.pop("reject_examples", {}).items():
+                    known = examples.setdefault(reason, [])
+                    known.extend(ids[: max(0, _MAX_REJECT_EXAMPLES - len(known))])
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0) + v
                 done += len(rows)
@@ -893,6 +905,7 @@ def regenerate(
             w.meta.update(meta)
             w.meta["settings"] = getattr(state["backend"], "settings", None)
             w.meta["server_url"] = cfg.server_url
+            w.meta["reject_examples"] = examples
     finally:
         if own_backend and state["backend"] is not None:
             state["backend"].close()

@@ -95,6 +95,15 @@ def _records() -> list[dict[str, Any]]:
     ]
 
 
+def test_unknown_kind_and_bad_messages_are_counted_rejects(target_dir: str, tmp_path) -> None:
+    odd = empty_record("x-1", "audio", "test")
+    bad = _chat("x-2", [])
+    no_user = _chat("x-3", [{"role": "assistant", "content": "hello"}])
+    store, records = _store_records(str(tmp_path), [*_records(), odd, bad, no_user])
+    ref = regenerate(store, records, _cfg(target_dir))
+    assert ref.counts["rejected_bad_record"] == 3 and ref.counts["kept"] == 5
+
+
 def _train_sequences(tok) -> list[tuple[list[int], list[int]]]:
     """(input_ids, loss_mask) to memorise: the answers only (prompts need not be learned)."""
 
@@ -391,6 +400,9 @@ def test_length_rejects_counted(target_dir: str, tmp_path) -> None:
     assert c["rejected_length"] == len(cut)
     assert c["rejected_empty"] == 2
     assert set(_read(store, ref)) == {"t-1", *(set(answers) - cut)}
+    examples = store.manifest("regenerate", ref.key).meta["reject_examples"]
+    assert sorted(examples["length"]) == sorted(cut)
+    assert sorted(examples["empty"]) == ["c-nothing", "f-none"]
     assert c["rejected"] == sum(c[f"rejected_{r}"] for r in REJECT_REASONS)
 
 
