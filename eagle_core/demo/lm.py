@@ -84,6 +84,7 @@ class TrainResult:
     seconds: float
     final_loss: float
     tokens: int
+    stopped_by_time: bool = False
 
 
 def train_lm(
@@ -123,6 +124,7 @@ def train_lm(
     start = time.monotonic()
     ema = None
     done = 0
+    stopped = False
     bar = None
     if show_bar is not False:  # None: tqdm decides (a terminal on stderr or nothing)
         bar = tqdm(total=steps, desc="demo LM", disable=None if show_bar is None else False)
@@ -155,8 +157,15 @@ def train_lm(
             log.info(
                 "demo LM step %d/%d loss %.4f (%.0f s)", done, steps, ema, time.monotonic() - start
             )
-        if max_seconds is not None and time.monotonic() - start > max_seconds:
-            log.info("demo LM: time budget %.0f s reached at step %d/%d", max_seconds, done, steps)
+        if max_seconds is not None and time.monotonic() - start > max_seconds and done < steps:
+            log.warning(
+                "demo LM: time budget %.0f s reached at step %d/%d; the model is under-trained "
+                "and not reproducible elsewhere (is the machine busy?)",
+                max_seconds,
+                done,
+                steps,
+            )
+            stopped = True
             break
     if bar is not None:
         bar.close()
@@ -166,6 +175,7 @@ def train_lm(
         seconds=time.monotonic() - start,
         final_loss=float(ema or 0),
         tokens=done * batch_size * (blocks.shape[1] - 1),
+        stopped_by_time=stopped,
     )
 
 
