@@ -218,6 +218,13 @@ class HiddenCapture:
                 f"hooks on decoder layers {missing} or the final norm did not fire",
                 fix="run a forward of the target inside the HiddenCapture block",
             )
+        shapes = {tuple(self._outs[i].shape[:2]) for i in self.layer_ids}
+        shapes.add(tuple(self._last.shape[:2]))
+        if len(shapes) != 1:  # a hook did not fire in the latest forward: stale states
+            raise ModelMismatchError(
+                f"captured states of different forwards (shapes {sorted(shapes)})",
+                fix="run one complete forward of the target per states() call",
+            )
         aux = torch.cat([self._outs[i] for i in self.layer_ids], dim=-1)  # [B, S, A*H]
         return TargetStates(aux=aux, last=self._last)
 

@@ -136,3 +136,8 @@ def test_other_architecture_qwen2() -> None:
 def test_no_decoder_layers_is_a_clear_error() -> None:
     with pytest.raises(ModelMismatchError, match="decoder layers"):
         find_decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_states_before_a_forward_is_a_clear_error(target: LlamaForCausalLM) -> None:
+    with HiddenCapture(target) as cap, pytest.raises(ModelMismatchError, match="did not fire"):
+        cap.states()
