@@ -11,7 +11,7 @@ import pytest
 
 from eagle_core.download import DownloadConfig, SourceSpec, config_from_options, download
 from eagle_core.errors import ConfigError, DataError
-from eagle_core.records import RECORD_COLUMNS
+from eagle_core.records import ALL_REASONS, RECORD_COLUMNS
 from storage import ArtifactStore
 from storage.shards import iter_batches
 
@@ -51,31 +51,34 @@ def test_jsonl_rejects_counted_with_examples(tmp_path):
         {"text": "?"},  # unknown format
         {"input_ids": [1, 2], "loss_mask": [1]},  # bad pretokenized lengths
         chat(3),  # duplicate id
+        [1, 2],  # not an object
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "y"},
+            ]
+        },  # misplaced system
+        {"messages": ["just a string"]},  # bad message
     ]
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    chat_only = write_jsonl(tmp_path / "only.jsonl", [chat(0), {"text": "no messages"}])
     store = ArtifactStore(str(tmp_path / "store"))
-    cfg = DownloadConfig(sources=(SourceSpec(path=src, label="c"),), max_reject_fraction=0.5)
+    cfg = DownloadConfig(
+        sources=(
+            SourceSpec(path=src, label="c"),
+            SourceSpec(path=chat_only, label="o", kind="chat"),
+        ),
+        max_reject_fraction=0.5,
+    )
     ref = download(store, cfg)
-    by = ref.counts["rejected_by_reason"]
-    expect = {
-        "malformed_json": 1,
-        "not_utf8": 1,
-        "no_assistant_turn": 1,
-        "empty_assistant_turn": 1,
-        "unknown_role": 1,
-        "empty_middle": 1,
-        "missing_fim_field": 1,
-        "empty_file": 1,
-        "unknown_format": 1,
-        "bad_tokens": 1,
-        "duplicate_id": 1,
-    }
-    assert {k: v for k, v in by.items() if v} == expect
-    assert ref.counts["rows"] == 20 and ref.counts["read"] == 31 and ref.counts["rejected"] == 11
+    assert ref.counts["rejected_by_reason"] == dict.fromkeys(ALL_REASONS, 1)  # each, once
+    assert ref.counts["rows"] == 21 and ref.counts["read"] == 36
+    assert ref.counts["rejected"] == len(ALL_REASONS)
     meta = store.manifest("download", ref.key).meta
     assert meta["reject_examples"]["malformed_json"][0].startswith("c/chat.jsonl:21")
     recs = read_records(store, ref)
-    assert {r["sample_id"] for r in recs} == {f"c/c{i}" for i in range(20)}
+    assert {r["sample_id"] for r in recs} == {f"c/c{i}" for i in range(20)} | {"o/c0"}
     assert list(recs[0]) == list(RECORD_COLUMNS)
     # cached: same key, nothing is read (the source is gone)
     os.remove(src)

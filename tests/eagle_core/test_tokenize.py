@@ -284,3 +284,18 @@ def test_demo_tokenizer_generation_and_offsets_masks_agree(records, small_tokeni
     assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == [
         t["content"] + "<|im_end|>" for t in CHATS[0]["messages"] if t["role"] == "assistant"
     ]
+
+
+def test_template_rejects_are_counted_by_the_stage(records, bpe_tokenizer_factory):
+    store, rec = records
+    picky = (
+        "{% if messages | length > 2 %}{{ raise_exception('too many turns') }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}"
+    )
+    tdir = bpe_tokenizer_factory("starcoder", "chatml")
+    ref = tokenize(store, rec, TokenizeConfig(tokenizer=tdir, format="chat", chat_template=picky))
+    assert ref.counts["rows"] == 1
+    assert ref.counts["rejected_by_reason"] == {"template_error": 1, "kind_mismatch": 6}
+    ex = store.manifest("tokenize", ref.key).meta["reject_examples"]["template_error"]
+    assert ex[0].startswith("m/multi:") and "too many turns" in ex[0]
