@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -291,6 +292,7 @@ class TTTState:
     """
 
     alignment: Alignment = "aligned"
+    checkpoint: bool = False  # recompute the [T, T] scores of steps >= 1 in backward
     step: int = 0
     k0: Tensor | None = None
     v0: Tensor | None = None
@@ -365,16 +367,27 @@ class DraftAttention(nn.Module):
         assert st.k0 is not None and st.v0 is not None, "TTT step 0 must run first"
         st.diag_k.append(k)
         st.diag_v.append(v)
-        t = q.shape[2]
         shift = 0 if st.alignment == "aligned" else st.step  # reference hides t-k+1..t
-        visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril(-shift)  # [T, T]
-        scores = (q @ st.k0.transpose(-1, -2)) * self.scaling  # [B, Hq, T, T]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        diag = torch.stack([(q * dk).sum(-1) for dk in st.diag_k], dim=-1) * self.scaling
-        # diag: [B, Hq, T, k]; a softmax in fp32 over the T causal columns and k diagonal ones
-        probs = torch.softmax(torch.cat([scores, diag], dim=-1).float(), dim=-1).to(q.dtype)
-        out = probs[..., :t] @ st.v0  # [B, Hq, T, D]
+        dk = torch.stack(st.diag_k, dim=-2)  # [B, Hq, T, k, D]
         dv = torch.stack(st.diag_v, dim=-2)  # [B, Hq, T, k, D]
+        if st.checkpoint and torch.is_grad_enabled():
+            # keeps only the inputs for backward, not the [B, Hq, T, T+k] scores and probs
+            return checkpoint(self._mix, q, st.k0, st.v0, dk, dv, shift, use_reentrant=False)
+        return self._mix(q, st.k0, st.v0, dk, dv, shift)
+
+    def _mix(self, q: Tensor, k0: Tensor, v0: Tensor, dk: Tensor, dv: Tensor, shift: int) -> Tensor:
+        """One softmax over the visible step-0 keys (j <= t - shift) and the diagonal keys.
+
+        q, k0, v0: [B, Hq, T, D]; dk, dv: [B, Hq, T, k, D]. Returns [B, Hq, T, D].
+        """
+        t = q.shape[2]
+        visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril(-shift)  # [T, T]
+        scores = (q @ k0.transpose(-1, -2)) * self.scaling  # [B, Hq, T, T]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        diag = (q.unsqueeze(-2) * dk).sum(-1) * self.scaling  # [B, Hq, T, k]
+        # a softmax in fp32 over the T causal columns and the k diagonal ones
+        probs = torch.softmax(torch.cat([scores, diag], dim=-1).float(), dim=-1).to(q.dtype)
+        out = probs[..., :t] @ v0  # [B, Hq, T, D]
         return out + (probs[..., t:, None] * dv).sum(-2)  # [B, Hq, T, D]
 
 
@@ -515,6 +528,7 @@ class _Draft(nn.Module):
         hidden0: Tensor,
         steps: int,
         alignment: Alignment = "aligned",
+        checkpoint_attention: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """The TTT unroll; yields (hidden_out [B, T, H], logits [B, T, Vd]) for k = 0..K-1.
 
@@ -525,9 +539,13 @@ class _Draft(nn.Module):
         Args:
             input_ids: [B, T] the sample's tokens x.
             hidden0: [B, T, H] init_hidden() of the target states at every position.
+            steps: K.
+            alignment: "aligned" (serving semantics) or "reference" (EAGLE-3/SpecForge).
+            checkpoint_attention: recompute the attention scores of steps >= 1 in backward
+                (saves about K * B * Hq * T^2 * 6 bytes for long samples; same numbers).
         """
         b, t = input_ids.shape
-        st = TTTState(alignment=alignment)
+        st = TTTState(alignment=alignment, checkpoint=checkpoint_attention)
         base = torch.arange(t, device=input_ids.device).expand(b, t)  # [B, T]
         hidden = hidden0
         for k in range(steps):

@@ -71,6 +71,7 @@ class TTTConfig:
     steps: int = 7  # EAGLE-3 default; at least as deep as the chains serving engines draft
     decay: float = 0.8  # step k weighs decay**k: its token counts only if steps < k were accepted
     alignment: Literal["aligned", "reference"] = "aligned"  # "reference": EAGLE-3/SpecForge masks
+    checkpoint_attention: bool = False  # long samples: recompute TTT scores in backward
     eagle1_feature_weight: float = 1.0  # EAGLE-1: weight of SmoothL1(feature) (reference: 1.0)
     eagle1_ce_weight: float = 0.1  # EAGLE-1: weight of the soft CE (reference: 0.1)
 
@@ -250,7 +251,9 @@ def compute_loss(
     is_eagle1 = isinstance(draft, Eagle1Draft)
     total = hidden0.new_zeros((), dtype=torch.float32)
     out = LossOutput(loss=total, step_loss=[], step_acc=[], step_count=[])
-    steps = draft.ttt_steps(batch.input_ids, hidden0, cfg.steps, cfg.alignment)
+    steps = draft.ttt_steps(
+        batch.input_ids, hidden0, cfg.steps, cfg.alignment, cfg.checkpoint_attention
+    )
     t_len = batch.input_ids.shape[1]
     for k, (hidden_out, logits) in enumerate(steps):
         span = t_len - 1 - k  # indices t whose target position t+1+k exists

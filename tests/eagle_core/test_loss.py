@@ -306,3 +306,22 @@ def test_training_reduces_loss_and_raises_accuracy(
     # soft CE has the target's entropy as its floor: a 10% drop is most of the reducible part
     assert last.loss.item() < 0.9 * first.loss.item()
     assert last.step_acc[0] > first.step_acc[0] + 0.3
+
+
+@pytest.mark.parametrize("alignment", ["aligned", "reference"])
+def test_checkpointed_attention_gives_the_same_loss_and_grads(target, alignment: str) -> None:
+    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=40)
+    torch.manual_seed(2)
+    draft = build_draft(cfg, target, vocab_map=_vocab_map(40))
+    batch = _batch(target, "eagle3")
+    head = target_head_weight(target)
+    results = []
+    for ckpt in (False, True):
+        draft.zero_grad()
+        out = compute_loss(
+            draft, batch, head, TTTConfig(steps=4, alignment=alignment, checkpoint_attention=ckpt)
+        )
+        out.loss.backward()
+        results.append((out.loss.detach(), draft.midlayer.self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
