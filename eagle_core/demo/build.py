@@ -234,7 +234,10 @@ def mixed_blocks(
     for kind, w in weights.items():
         if w <= 0 or not encoded.get(kind):
             continue
-        blocks = pack_blocks(encoded[kind], eos_id, seq_len)
+        try:
+            blocks = pack_blocks(encoded[kind], eos_id, seq_len)
+        except DataError as exc:
+            raise DataError(f"training kind {kind!r}: {exc.what}", fix=exc.fix) from exc
         m = max(1, round(n * w / total))
         idx = torch.randint(0, blocks.shape[0], (m,), generator=gen)  # with replacement
         parts.append(blocks[idx])
@@ -273,11 +276,22 @@ def evaluate_target(model, tokenizer, heldout: DemoData, cfg: DemoTargetConfig) 
     for kind, samples in encoded.items():
         if not samples:
             continue
-        blocks = pack_blocks(samples, tokenizer.eos_token_id, cfg.seq_len)[: cfg.eval_blocks]
+        try:
+            blocks = pack_blocks(samples, tokenizer.eos_token_id, cfg.seq_len)
+        except DataError as exc:  # a tiny config's held-out side can be this small
+            log.warning("held-out %s not evaluated: %s", kind, exc)
+            metrics[f"heldout_{kind}_skipped"] = exc.what
+            continue
+        blocks = blocks[: cfg.eval_blocks]
         loss, acc = evaluate_lm(model, blocks)
         metrics[f"heldout_{kind}_loss"] = round(loss, 4)
         metrics[f"heldout_{kind}_accuracy"] = round(acc, 4)
         tot_loss, tot_acc, kinds = tot_loss + loss, tot_acc + acc, kinds + 1
+    if kinds == 0:
+        raise DataError(
+            "no held-out kind has one block of tokens to evaluate on",
+            fix="raise heldout_permille or select more stdlib modules",
+        )
     metrics["heldout_loss"] = round(tot_loss / kinds, 4)
     metrics["heldout_accuracy"] = round(tot_acc / kinds, 4)
     fims = heldout.fim[: cfg.eval_fim_samples]

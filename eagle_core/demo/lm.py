@@ -74,7 +74,13 @@ def pack_blocks(samples: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> 
             stream.append(eos_id)
     n = len(stream) // (seq_len + 1)
     if n == 0:
-        raise ValueError(f"{len(stream)} tokens is less than one block of {seq_len + 1}")
+        from eagle_core.errors import DataError
+
+        raise DataError(
+            f"{len(samples)} samples make {len(stream)} tokens, less than one block of "
+            f"{seq_len + 1}",
+            fix="lower seq_len or select more stdlib modules",
+        )
     return torch.tensor(stream[: n * (seq_len + 1)], dtype=torch.long).view(n, seq_len + 1)
 
 

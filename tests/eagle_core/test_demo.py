@@ -207,3 +207,31 @@ def test_build_demo_target_deterministic_cached_and_loadable(tmp_path) -> None:
         model.state_dict().items(), model_b.state_dict().items(), strict=True
     ):
         assert (a - b).abs().max().item() < 1e-5, n
+
+
+def test_pack_blocks_and_time_cap() -> None:
+    import torch
+
+    from eagle_core.demo.lm import LMShape, build_llama, pack_blocks, train_lm
+    from eagle_core.errors import DataError
+
+    blocks = pack_blocks([[5, 6, 7], [8, 9]], eos_id=0, seq_len=3)
+    assert blocks.tolist() == [[5, 6, 7, 0]]  # the stream's tail shorter than a block is cut
+    with pytest.raises(DataError, match="less than one block"):
+        pack_blocks([[1, 2]], eos_id=0, seq_len=16)
+    shape = LMShape(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    model = build_llama(shape, 32, seed=0, bos_id=None, eos_id=0, pad_id=None)
+    data = torch.randint(0, 32, (8, 9))
+    res = train_lm(
+        model, data, steps=50, batch_size=2, lr=1e-3, seed=0, max_seconds=1e-6, show_bar=False
+    )
+    assert res.steps == 1 and res.stopped_by_time
+    res = train_lm(model, data, steps=2, batch_size=2, lr=1e-3, seed=0, show_bar=False)
+    assert res.steps == 2 and not res.stopped_by_time and not model.training
