@@ -1,0 +1,254 @@
+"""Speculative decoding: lossless against greedy decoding (trained and untrained drafts, chain
+and tree), τ from counted events, sampling mode, cache surgery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from eagle_core.capture import capture_states
+from eagle_core.draft import DraftConfig, build_draft
+from eagle_core.errors import ConfigError
+from eagle_core.loss import DraftBatch, TTTConfig, compute_loss
+from eagle_core.models import load_target
+from eagle_core.speculate import SpecResult, greedy_generate, speculative_generate
+
+CODE = [
+    "def add(a, b):\n    return a + b\n",
+    "import os\nimport sys\n",
+    "class Point:\n    def __init__(self, x, y):\n",
+    "for i in range(10):\n    print(i)\n",
+    'def _parse(self, text):\n    """Parse',
+    "    if not isinstance(value, str):\n        raise",
+    "from collections import",
+    "    return self._",
+    "def __repr__(self):\n    return",
+    "# Copyright",
+    "    def close(self):\n",
+    "try:\n    import",
+]
+TRAIN_STEPS, TRAIN_LR = 40, 1e-2
+HELDOUT = [
+    "def main():\n    ",
+    "    for key, value in",
+    "class Error(Exception):\n",
+    "    raise ValueError(",
+    "with open(path) as f:\n",
+    "import re\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def small(small_target_dir: str, small_tokenizer_dir: str):
+    target = load_target(small_target_dir)
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    return target, tok
+
+
+def _prompts(tok, texts: list[str]) -> list[torch.Tensor]:
+    return [torch.tensor([tok.encode(t)]) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def trained_draft(small):
+    """An EAGLE-3 draft (draft vocab 512 with a real map) trained with the TTT loss on the
+    target's own greedy continuations of CODE prompts: high acceptance on such text."""
+    target, tok = small
+    torch.manual_seed(0)
+    # the target's own greedy continuations of CODE prompts (their first 3 tokens), batched
+    ids = torch.tensor([tok.encode(t)[:3] for t in CODE])  # [12, 3]
+    cache = DynamicCache()
+    with torch.no_grad():
+        step_ids = ids
+        for _ in range(32):
+            logits = target(input_ids=step_ids, past_key_values=cache, use_cache=True).logits
+            step_ids = logits[:, -1:].argmax(-1)  # [12, 1]
+            ids = torch.cat([ids, step_ids], dim=1)
+    att = torch.ones_like(ids)
+    v = target.config.vocab_size
+    counts = torch.bincount(ids[att.bool()], minlength=v).float()
+    counts += torch.linspace(0, 0.5, v)  # deterministic tie-break, then the top 512
+    draft_ids = counts.topk(512).indices.sort().values
+    t2d = torch.zeros(v, dtype=torch.bool)
+    t2d[draft_ids] = True
+
+    class _Map:
+        d2t = draft_ids - torch.arange(512)
+
+    _Map.t2d = t2d
+    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=512)
+    draft = build_draft(cfg, target_model=target, vocab_map=_Map)
+    states = capture_states(target, ids, attention_mask=att, layer_ids=cfg.aux_layer_ids)
+    batch = DraftBatch(
+        input_ids=ids,
+        attention_mask=att,
+        loss_mask=att.clone(),
+        last_hidden=states.last,
+        aux_hidden=states.aux,
+    )
+    head = target.get_output_embeddings().weight
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=TRAIN_LR)
+    ttt = TTTConfig(steps=5)
+    draft.train()
+    for _ in range(TRAIN_STEPS):
+        out = compute_loss(draft, batch, head, ttt)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return draft.eval()
+
+
+def _untrained(target, kind: str):
+    torch.manual_seed(7)
+    vd = 300 if kind == "eagle3" else None
+    cfg = DraftConfig.from_target_config(target.config, kind=kind, draft_vocab_size=vd)
+    return build_draft(cfg, target_model=target).eval()
+
+
+def _check_lossless(target, draft, prompts, mode: str, n_new: int = 24, **kw) -> list[SpecResult]:
+    results = []
+    for p in prompts:
+        want = greedy_generate(target, p, n_new)
+        got = speculative_generate(target, draft, p, n_new, mode=mode, **kw)
+        assert got.tokens == want, f"{mode}: speculative output differs from greedy for {p}"
+        results.append(got)
+    return results
+
+
+def _check_counts(r: SpecResult, steps: int) -> None:
+    # τ from the events: emitted tokens = 1 (prefill) + Σ (accepted + 1), unless truncated
+    emitted = 1 + sum(a + 1 for a in r.accepted_per_forward)
+    assert emitted >= len(r.tokens) > emitted - (steps + 1)
+    assert r.n_target_forwards == 1 + len(r.accepted_per_forward)
+    assert r.tau == pytest.approx(1 + sum(r.accepted_per_forward) / len(r.accepted_per_forward))
+    assert r.per_position_accept_counts[0] == sum(a >= 1 for a in r.accepted_per_forward)
+    assert all(
+        a >= b
+        for a, b in zip(
+            r.per_position_accept_counts, r.per_position_accept_counts[1:], strict=False
+        )
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_trained_draft_is_lossless_and_accepts(small, trained_draft, mode: str) -> None:
+    target, tok = small
+    results = _check_lossless(target, trained_draft, _prompts(tok, CODE + HELDOUT), mode)
+    for r in results:
+        _check_counts(r, 5)
+    accepted = [a for r in results for a in r.accepted_per_forward]
+    tau = 1 + sum(accepted) / len(accepted)
+    assert tau > 2.0, f"{mode}: trained draft τ={tau:.2f}, acceptance paths barely exercised"
+    # chain: whole chains accepted; tree: the draft's flat distributions put 24 nodes at
+    # depths <= 3, and paths that deep are accepted (non-contiguous target-cache rows kept)
+    assert max(accepted) == (5 if mode == "chain" else 3)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_untrained_draft_is_lossless(small, kind: str, mode: str) -> None:
+    target, tok = small
+    draft = _untrained(target, kind)
+    results = _check_lossless(target, draft, _prompts(tok, HELDOUT[:2]), mode, n_new=12)
+    for r in results:
+        _check_counts(r, 5)
+
+
+def test_eos_and_max_new_tokens_match_greedy(small) -> None:
+    target, tok = small
+    draft = _untrained(target, "eagle3")
+    p = _prompts(tok, ["def f(x):\n    return"])[0]
+    full = greedy_generate(target, p, 20)
+    eos = full[5]  # pretend the 6th greedy token is EOS
+    want = greedy_generate(target, p, 20, eos_token_id=eos)
+    assert want == full[: full.index(eos) + 1]
+    for mode in ("chain", "tree"):
+        got = speculative_generate(target, draft, p, 20, mode=mode, eos_token_id=[eos])
+        assert got.tokens == want
+        assert speculative_generate(target, draft, p, 3, mode=mode).tokens == full[:3]
+
+
+def test_random_target_float64_many_prompts() -> None:
+    """A random (untrained) 8-layer target in float64: prompts of many lengths, chain and
+    tree, steps 1 and 4 (float64: no near-ties between batched and one-token forwards)."""
+    target, draft = _random_pair()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 96, (1, n), generator=gen) for n in (1, 4, 9, 17)]
+    for steps in (1, 4):
+        for mode in ("chain", "tree"):
+            _check_lossless(
+                target, draft, prompts, mode, n_new=10, steps=steps, topk=3, total_tokens=10
+            )
+
+
+def _random_pair(vocab: int = 96, head_scale: float = 1.0, seed: int = 0):
+    """A random 8-layer float64 target and a random EAGLE-3 draft (draft vocab 64)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    target = LlamaForCausalLM(cfg).eval().double()
+    draft = (
+        build_draft(DraftConfig.from_target_config(cfg, draft_vocab_size=64), target_model=target)
+        .eval()
+        .double()
+    )
+    with torch.no_grad():  # sharper distributions: a wrong acceptance rule shows clearly
+        target.lm_head.weight.mul_(head_scale)
+        draft.lm_head.weight.mul_(head_scale)
+    return target, draft
+
+
+@pytest.mark.slow
+def test_sampling_mode_follows_the_target_distribution() -> None:
+    """Rejection sampling: the distribution of the 2nd new token (the first one a draft
+    proposal decides) equals the target's marginal Σ_f p(f) p(s | f), over many seeds."""
+    target, draft = _random_pair(head_scale=6.0)
+    p = torch.tensor([[3, 14, 15, 9]])
+    v = target.config.vocab_size
+    with torch.no_grad():
+        p1 = torch.softmax(target(p).logits[0, -1], -1)  # [V]
+        both = torch.cat([p.expand(v, -1), torch.arange(v)[:, None]], dim=1)  # [V, 5]
+        p2 = torch.softmax(target(both).logits[:, -1], -1)  # [V, V]: p(s | f)
+    marginal = (p1[:, None] * p2).sum(0)  # [V]
+    n = 400
+    hits = torch.zeros(v, dtype=torch.float64)
+    accepted = 0
+    for seed in range(n):
+        r = speculative_generate(target, draft, p, 2, steps=2, temperature=1.0, seed=seed)
+        hits[r.tokens[1]] += 1
+        accepted += r.accepted_per_forward[0]
+    emp = hits / n
+    tv = 0.5 * float((emp - marginal).abs().sum())
+    noise = 0.5 * float((marginal * (1 - marginal) / n).sqrt().sum())  # ~E[TV] of n samples
+    assert tv < 1.5 * noise + 0.02, f"TV {tv:.3f} vs sampling noise {noise:.3f}"
+    assert 0 < accepted < 2 * n  # both the accept and the residual-resample branches ran
+
+
+def test_bad_arguments() -> None:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    target = LlamaForCausalLM(cfg).eval()
+    draft = build_draft(DraftConfig.from_target_config(cfg), target_model=target)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ConfigError, match="mode"):
+        speculative_generate(target, draft, ids, 4, mode="beam")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="tree drafting"):
+        speculative_generate(target, draft, ids, 4, mode="tree", temperature=0.7)
+    with pytest.raises(ConfigError, match="one"):
+        speculative_generate(target, draft, torch.ones(2, 3, dtype=torch.long), 4)
