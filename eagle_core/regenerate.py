@@ -27,15 +27,25 @@ Two backends behind one interface (`GenerationBackend.generate(requests) -> resu
   retries with exponential backoff. The API key comes from the environment variable
   whose NAME is configured; the value is never stored, logged or hashed.
 
-A record whose generation fails is dropped and counted by reason: `empty` (nothing but
-whitespace), `length` (cut at max_new_tokens without an end token), `server_error` (still
-failing after the retries), `bad_request` (the server refused this prompt with a 4xx),
-`prompt_too_long` (longer than the target's context), `bad_record` (unusable messages).
+Within a shard, generation goes in rounds: round 0 asks for every FIM middle and every
+chat's first turn to write, round r for the chats' r-th turns (each built on the answers
+of the rounds before), so the local backend batches across records and the server backend
+keeps `concurrency` requests in flight.
+
+A record whose generation fails is dropped (never kept half-regenerated or with its old
+answer) and counted by reason: `empty` (nothing but whitespace), `length` (cut at
+max_new_tokens without an end token), `server_error` (still failing after the retries),
+`bad_request` (the server refused this prompt with a 4xx), `prompt_too_long` (longer than
+the target's context), `bad_record` (unusable messages, unknown kind). The first sample
+ids per reason go to the manifest meta (`reject_examples`). Server errors past
+`max_server_errors` of a shard's requests stop the stage instead (an outage must not turn
+into lost shards); 401/403/404 stop it at once (wrong key, URL or model name).
 
 Resume: output shard i holds input rows [i*shard_size, (i+1)*shard_size); each finished
-shard is journaled together with its stats, so a killed run redoes only unfinished shards.
-Sampling is seeded per shard (local) or per request (server), so a resumed run writes the
-same shards as an uninterrupted one.
+shard is journaled together with its stats (`stats/shard-XXXXX.json`), so a killed run
+redoes only unfinished shards. Sampling seeds derive from (seed, sample id, turn): per
+batch for the local backend, per request for the server, so a resumed run writes the same
+shards as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ from typing import Any, Literal, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eagle_core.errors import ConfigError, DataError
+from eagle_core.errors import ConfigError, DataError, ModelMismatchError
 from eagle_core.fim import FimTokens, discover_fim_tokens
 from eagle_core.models import load_target, load_tokenizer
 from eagle_core.records import RECORD_SCHEMA
@@ -341,6 +351,18 @@ class LocalBackend:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_ids = sorted(set(eos_ids))
+        if not self.eos_ids:
+            raise ConfigError(
+                f"target {cfg.target!r} has no eos token (generation_config and tokenizer)",
+                fix="set eos_token_id in the target's generation_config.json or the tokenizer",
+            )
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        if vocab and len(self.tokenizer) > vocab:
+            raise ModelMismatchError(
+                f"tokenizer {cfg.tokenizer or cfg.target!r} has {len(self.tokenizer)} tokens, "
+                f"target {cfg.target!r} only {vocab} embeddings",
+                fix="pass the target's own tokenizer (regenerate.tokenizer)",
+            )
         self.chat_stop_ids = sorted(set(self.eos_ids) | set(_end_of_turn_ids(self.tokenizer)))
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from eagle_core.errors import ConfigError, DataError
+from eagle_core.errors import ConfigError, DataError, ModelMismatchError
 from eagle_core.fim import build_fim_sample, discover_fim_tokens
 from eagle_core.records import empty_record, records_table
 from eagle_core.regenerate import (
@@ -291,6 +291,19 @@ def test_end_of_turn_found_from_the_chat_template(small_tokenizer_dir: str) -> N
 
 
 # ---- local backend --------------------------------------------------------------------------
+
+
+def test_tokenizer_larger_than_target_vocab_is_refused(
+    target_dir: str, small_tokenizer_dir: str, tmp_path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    tok.save_pretrained(str(tmp_path / "tok"))
+    store, records = _store_records(str(tmp_path / "s"), _records()[:1])
+    with pytest.raises(ModelMismatchError, match="embeddings"):
+        regenerate(store, records, _cfg(target_dir, tokenizer=str(tmp_path / "tok")))
 
 
 def test_local_backend_regenerates_chat_and_fim(target_dir: str, tmp_path) -> None:
