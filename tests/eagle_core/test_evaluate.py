@@ -1,0 +1,132 @@
+"""The evaluate stage end to end on the small target: prompts from jsonl (chat + FIM), an
+exported draft, report.json / report.md / acceptance.png, τ from the counted events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from eagle_core.draft import DraftConfig, build_draft
+from eagle_core.errors import ConfigError, DataError
+from eagle_core.evaluate import (
+    EvalConfig,
+    EvalPrompt,
+    chat_prompt_ids,
+    evaluate,
+    fim_prompt_ids,
+    load_prompts,
+)
+from eagle_core.export import ExportConfig, export
+from eagle_core.models import load_target
+from storage import ArtifactStore, StageRef
+
+CHATS = [
+    {
+        "id": "c1",
+        "messages": [
+            {"role": "user", "content": "Write add(a, b)."},
+            {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+        ],
+    },
+    {
+        "id": "c2",
+        "conversations": [
+            {"from": "human", "value": "What is os.path.join?"},
+            {"from": "gpt", "value": "It joins paths."},
+        ],
+    },
+    {"id": "c3", "messages": [{"role": "user", "content": "no answer yet"}]},
+]
+FIMS = [
+    {"id": "f1", "prefix": "def add(a, b):\n    ", "middle": "return a + b", "suffix": "\n"},
+    {"id": "f2", "prefix": "import os\n", "middle": "import sys\n", "suffix": "print(1)\n"},
+]
+
+
+def _export(store: ArtifactStore, target, target_dir: str) -> StageRef:
+    torch.manual_seed(0)
+    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=512)
+    draft = build_draft(cfg, target_model=target)
+    with store.publish("train", "run") as w:
+        w.write_file("final/draft.safetensors", lambda p: save_file(dict(draft.state_dict()), p))
+        w.write_json("final/draft_config.json", cfg.to_dict())
+        w.meta.update(target=target_dir)
+    run = store.ref("train", "run")
+    return export(store, run, ExportConfig(dtype="float32", target=target_dir))
+
+
+def test_prompt_building(small_tokenizer_dir: str, tmp_path) -> None:
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    msgs = CHATS[0]["messages"]
+    ids = chat_prompt_ids(tok, msgs)
+    text = tok.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n") and "return a + b" not in text
+    assert chat_prompt_ids(tok, CHATS[2]["messages"]) is None
+    fim = tok.decode(fim_prompt_ids(tok, "def f():\n", "\nx = 1\n"))
+    assert fim == "<fim_prefix>def f():\n<fim_suffix>\nx = 1\n<fim_middle>"
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHATS + FIMS))
+    prompts, skipped = load_prompts(EvalConfig(prompts=str(path), max_prompts=5), tok, "")
+    assert [(p.sample_id, p.kind) for p in prompts] == [
+        ("c1", "chat"),
+        ("c2", "chat"),
+        ("f1", "fim"),
+        ("f2", "fim"),
+    ]
+    assert skipped == {"no_assistant_turn": 1}  # the record normaliser refused it
+    empty = tmp_path / "e.jsonl"
+    empty.write_text(json.dumps(CHATS[2]) + "\n")
+    with pytest.raises(DataError, match="no usable"):
+        load_prompts(EvalConfig(prompts=str(empty)), tok, "")
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ConfigError, match="steps"):
+        EvalConfig(steps=0)
+    with pytest.raises(ConfigError, match="tree"):
+        EvalConfig(mode="tree", temperature=0.5)
+    assert EvalConfig(prompts="a.jsonl").prompts == ("a.jsonl",)
+
+
+@pytest.mark.slow
+def test_evaluate_stage(small_target_dir: str, small_tokenizer_dir: str, tmp_path) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    target = load_target(small_target_dir)
+    exp = _export(store, target, small_target_dir)
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHATS + FIMS))
+    cfg = EvalConfig(
+        target=small_target_dir,
+        tokenizer=small_tokenizer_dir,
+        prompts=(str(path),),
+        max_prompts=2,
+        max_new_tokens=12,
+        steps=3,
+    )
+    calls: list[tuple[int, int]] = []
+    ref = evaluate(store, exp, cfg, progress=lambda i, n: calls.append((i, n)))
+    assert calls[-1] == (4, 4)
+    report = store.read_json(ref, "report.json")
+    assert set(report["kinds"]) == {"chat", "fim"}
+    for s in [*report["kinds"].values(), report["all"]]:
+        # an untrained draft is still lossless; τ comes from the counted events
+        assert s["lossless"] == s["lossless_checked"] == s["prompts"]
+        assert s["tau"] == pytest.approx(1 + s["accepted_tokens"] / s["verify_forwards"])
+        assert len(s["accept_rate_per_position"]) == 3
+        assert s["target_forwards"] == s["verify_forwards"] + s["prompts"]
+        assert s["draft_time_s"] > 0 and s["target_time_s"] > 0 and s["speedup"] > 0
+    assert report["all"]["prompts"] == 4
+    md = store.read_bytes(ref, "report.md").decode()
+    assert "| chat | 2 |" in md and "| fim | 2 |" in md and "acc@3" in md
+    assert store.read_bytes(ref, "acceptance.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ref.counts["prompts"] == 4 and ref.counts["lossless"] == 4
+    assert evaluate(store, exp, cfg).key == ref.key  # cached
+    # explicit prompts: part of the key, same measurements
+    prompts = [EvalPrompt("x", "fim", tuple(range(5, 15)))]
+    ref2 = evaluate(store, exp, cfg, prompts=prompts)
+    assert ref2.key != ref.key
+    assert set(store.read_json(ref2, "report.json")["kinds"]) == {"fim"}
