@@ -21,6 +21,7 @@ import ast
 import hashlib
 import logging
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -178,44 +179,61 @@ def split_lines(content: str, rng: random.Random) -> tuple[str, str, str]:
     return "".join(lines[:start]), "".join(lines[start:stop]), "".join(lines[stop:])
 
 
-def _python_spans(content: str) -> list[tuple[int, int]]:
-    """Char spans of Python statements and expressions (ast), blank spans dropped."""
-    tree = ast.parse(content)
-    lines = content.splitlines(keepends=True)
-    line_start = [0]
-    for ln in lines:
-        line_start.append(line_start[-1] + len(ln))
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what Python's tokenizer counts (not \f, \u2028)
+_BLOCK_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
 
-    def char_offset(lineno: int, col_utf8: int) -> int:
-        # ast columns are UTF-8 byte offsets within the line
-        line = lines[lineno - 1] if lineno - 1 < len(lines) else ""
-        return line_start[lineno - 1] + len(line.encode("utf-8")[:col_utf8].decode("utf-8"))
 
-    spans = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.stmt, ast.expr)) or getattr(node, "end_lineno", None) is None:
-            continue
-        a = char_offset(node.lineno, node.col_offset)
-        b = char_offset(node.end_lineno, node.end_col_offset)  # type: ignore[arg-type]
-        if b > a and content[a:b].strip():
-            spans.add((a, b))
-    return sorted(spans)
+def _statements(tree: ast.AST) -> list[ast.stmt]:
+    """Every statement at any depth (blocks included), without visiting expressions."""
+    out: list[ast.stmt] = []
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        for name in _BLOCK_FIELDS:
+            children = getattr(node, name, None)
+            if isinstance(children, list):
+                for child in children:
+                    if isinstance(child, ast.stmt):
+                        out.append(child)
+                    if isinstance(child, ast.AST):
+                        stack.append(child)  # also except handlers / match cases
+    out.sort(key=lambda n: (n.lineno, n.col_offset))
+    return out
+
+
+def _node_span(content: str, line_starts: list[int], node: ast.AST) -> tuple[int, int]:
+    """Char span [a, b) of a node (ast columns are UTF-8 byte offsets within the line)."""
+
+    def offset(lineno: int, col: int) -> int:
+        start = line_starts[lineno - 1]
+        end = line_starts[lineno] if lineno < len(line_starts) else len(content)
+        return start + len(content[start:end].encode("utf-8")[:col].decode("utf-8", "ignore"))
+
+    a = offset(node.lineno, node.col_offset)  # type: ignore[attr-defined]
+    return a, offset(node.end_lineno, node.end_col_offset)  # type: ignore[attr-defined]
 
 
 def split_ast(content: str, rng: random.Random) -> tuple[tuple[str, str, str], bool]:
-    """A middle that is one Python AST node (a statement, block or expression).
+    """A middle that is one Python AST node: a statement (a whole block for compound ones)
+    or, half of the time for simple statements, an expression inside it.
 
     Returns ((prefix, middle, suffix), used_ast); used_ast is False when the file does not
-    parse as Python (or has no node), in which case whole lines are used instead.
+    parse as Python (or has no statement), in which case whole lines are used instead.
     """
     try:
-        spans = _python_spans(content)
-    except (SyntaxError, ValueError, RecursionError):
-        spans = []
-    if not spans:
-        return split_lines(content, rng), False
-    a, b = spans[rng.randrange(len(spans))]
-    return (content[:a], content[a:b], content[b:]), True
+        stmts = _statements(ast.parse(content))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        stmts = []
+    if stmts:
+        line_starts = [0] + [m.end() for m in _LINE_BREAK.finditer(content)]
+        node: ast.AST = stmts[rng.randrange(len(stmts))]
+        if rng.random() < 0.5 and not hasattr(node, "body"):
+            exprs = [n for n in ast.walk(node) if isinstance(n, ast.expr)]
+            node = exprs[rng.randrange(len(exprs))] if exprs else node
+        a, b = _node_span(content, line_starts, node)
+        if b > a and content[a:b].strip():
+            return (content[:a], content[a:b], content[b:]), True
+    return split_lines(content, rng), False
 
 
 @dataclass

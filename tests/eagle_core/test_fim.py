@@ -151,3 +151,15 @@ def test_language_hint_skips_ast_for_non_python():
     sp = FileSplitter("ast", seed=0)
     p, m, s = sp("x = 1\ny = 2\nz = 3\n", "id", False)  # valid Python, but a .js file
     assert sp.ast_fallbacks == 1 and m.endswith("\n")
+
+
+def test_ast_spans_with_form_feed_and_crlf_lines():
+    code = "x = 1\r\n\x0c\r\ndef f(a):\r\n    return a + 'é'\r\n\r\ny = f(x)\r\n"
+    segments = {
+        ast.get_source_segment(code, n)
+        for n in ast.walk(ast.parse(code))
+        if isinstance(n, (ast.stmt, ast.expr))
+    }
+    for seed in range(30):
+        (p, m, s), used = split_ast(code, random.Random(seed))
+        assert used and p + m + s == code and m in segments, (seed, m)
