@@ -496,7 +496,7 @@ def _read_deepspeed(ckpt_root: str, tag: str) -> dict[str, Tensor]:
     ):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag))
+        return _draft_keys(dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)))
     model_files = [n for n in names if n.endswith("model_states.pt")]
     if not model_files:
         raise ArtifactError(
@@ -505,7 +505,16 @@ def _read_deepspeed(ckpt_root: str, tag: str) -> dict[str, Tensor]:
         )
     sd = torch.load(os.path.join(step_dir, model_files[0]), map_location="cpu", weights_only=False)
     module = sd.get("module", sd)
-    return {k: v for k, v in module.items() if isinstance(v, Tensor)}
+    return _draft_keys({k: v for k, v in module.items() if isinstance(v, Tensor)})
+
+
+def _draft_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The draft's own keys of a training-wrapper state_dict (`module.` / `draft.` prefixes:
+    DeepSpeed wraps the trainer module, whose draft lives under `draft`)."""
+    for prefix in ("module.", "draft."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
 
 
 def _target_config_dict(target: str) -> dict[str, Any]:
@@ -532,11 +541,10 @@ def export(
         log.info("export %s: cached", key)
         return store.ref(STAGE, key)
     log.info("export %s: %s from %s", key, cfg.format, train_ref.url)
-    meta = (
-        store.manifest(train_ref.stage, train_ref.key).meta
-        if store.is_done(train_ref.stage, train_ref.key)
-        else {}
-    )
+    done = store.is_done(train_ref.stage, train_ref.key)
+    manifest = store.manifest(train_ref.stage, train_ref.key) if done else None
+    meta = manifest.meta if manifest is not None else {}
+    data_refs, coverage = _training_inputs(store, manifest.inputs if manifest else [])
     with tempfile.TemporaryDirectory() as tmp:
         state, draft_cfg = read_training_checkpoint(store, train_ref, cfg.checkpoint, tmp)
         target = cfg.target or str(meta.get("target", ""))
@@ -552,8 +560,12 @@ def export(
             "target": target,
             "training run": train_ref.url,
             "checkpoint": cfg.checkpoint,
-            "training data": meta.get("data") or meta.get("inputs"),
-            "vocab coverage": meta.get("vocab_coverage"),
+            "training data": ", ".join(data_refs) or None,
+            "vocab coverage (share of loss-masked training tokens in the draft vocab)": coverage,
+            "training steps": manifest.counts.get("steps") if manifest else None,
+            "training held-out step accuracy": manifest.counts.get("heldout_step_acc")
+            if manifest
+            else None,
         }
         cfg_eff = cfg if cfg.target or not target else _with_target(cfg, target)
         out_dir = os.path.join(tmp, "out")
@@ -570,6 +582,18 @@ def export(
                 sha256=digests,
             )
     return store.ref(STAGE, key)
+
+
+def _training_inputs(
+    store: ArtifactStore, inputs: list[dict[str, str]]
+) -> tuple[list[str], float | None]:
+    """(URLs of the training run's input artifacts, draft-vocab coverage from scan_vocab)."""
+    urls = [i.get("url", "") for i in inputs if i.get("url")]
+    coverage = None
+    for i in inputs:
+        if i.get("stage") == "scan_vocab" and store.is_done("scan_vocab", i["key"]):
+            coverage = store.manifest("scan_vocab", i["key"]).counts.get("coverage")
+    return urls, coverage
 
 
 def _with_target(cfg: ExportConfig, target: str) -> ExportConfig:

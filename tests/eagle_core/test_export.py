@@ -296,3 +296,50 @@ def test_export_refuses_incomplete_runs(tmp_path) -> None:
     unfinished = StageRef(stage="train", key="nomanifest", url=store.url("train", "nomanifest"))
     with pytest.raises(ArtifactError, match="not finished"):
         export(store, unfinished, ExportConfig(target="t"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_trained_run_exports_from_final_and_deepspeed_checkpoint(tmp_path, zero_stage: int):
+    """A real (inline DeepSpeed) training run -> export from final/ and from the step
+    checkpoint -> identical weights -> lossless speculative decoding with the loaded draft."""
+    from train_helpers import make_samples, make_tiny_target, publish_hidden, publish_tokens
+
+    from eagle_core.models import load_target
+    from eagle_core.speculate import greedy_generate, speculative_generate
+    from eagle_core.train import TrainConfig, run_training
+
+    target_dir = make_tiny_target(str(tmp_path / "target"))
+    store = ArtifactStore(str(tmp_path / "store"))
+    tokens = publish_tokens(store, make_samples(24, seed=5))
+    hidden = publish_hidden(store, tokens, target_dir)
+    cfg = TrainConfig(
+        store=store.root,
+        target=target_dir,
+        data=(hidden.url,),
+        steps=8,
+        batch_size=4,
+        lr=1e-2,
+        ttt_steps=3,
+        heldout_fraction=0.2,
+        seed=3,
+        zero_stage=zero_stage,
+    )
+    run = run_training(store, cfg)
+    final = export(store, run, ExportConfig(dtype="float32", target=target_dir))
+    step = export(
+        store, run, ExportConfig(dtype="float32", target=target_dir, checkpoint="step-00000008")
+    )
+    _, a = _read(store.local_dir(final, str(tmp_path / "a")))
+    _, b = _read(store.local_dir(step, str(tmp_path / "b")))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    readme = store.read_bytes(final, "README.md").decode()
+    assert hidden.url in readme and "training steps: 8" in readme
+    target = load_target(target_dir)
+    draft = load_exported_draft(store.local_dir(final, str(tmp_path / "c")), target)
+    for start in (3, 40):
+        p = torch.tensor([[(start + 2 * j) % 96 for j in range(6)]])
+        r = speculative_generate(target, draft, p, 10, steps=3)
+        assert r.tokens == greedy_generate(target, p, 10)
