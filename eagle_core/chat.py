@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from eagle_core.errors import ConfigError
 from eagle_core.records import Rejected
 
@@ -142,12 +144,6 @@ def find_assistant_spans(
     return spans
 
 
-def _in_span(start: int, end: int, a: int, b: int) -> bool:
-    if end > start:
-        return start < b and end > a
-    return a < start <= b  # zero-width (trimmed whitespace): reported at the token's end
-
-
 def mask_from_offsets(
     input_ids: Sequence[int],
     offsets: Sequence[tuple[int, int]],
@@ -155,30 +151,43 @@ def mask_from_offsets(
     spans: Sequence[tuple[int, int]],
     special_ids: set[int],
 ) -> list[int]:
-    """loss_mask [T]: 1 on tokens overlapping a span, and on the end-of-turn token after it."""
-    mask = [0] * len(input_ids)
-    i = 0
+    """loss_mask [T]: 1 on tokens overlapping a span, and on the end-of-turn token after it.
+
+    offsets: [T] (start, end) char offsets; a zero-width token (trimmed whitespace) at p
+    belongs to a span [a, b) when a < p <= b (its offset is its end).
+    """
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # [T, 2]
+    start, end = off[:, 0], off[:, 1]
+    zero = end <= start
+    mask = np.zeros(len(input_ids), dtype=np.int8)
     for a, b in spans:
-        while i < len(offsets) and not _in_span(*offsets[i], a, b) and offsets[i][0] < b:
-            i += 1
-        last = -1
-        while i < len(offsets) and (_in_span(*offsets[i], a, b)):
-            mask[i] = 1
-            last = i
-            i += 1
-        if last < 0:
+        inside = np.where(zero, (a < start) & (start <= b), (start < b) & (end > a))
+        idx = np.flatnonzero(inside)
+        if not idx.size:
             continue
+        mask[idx] = 1
+        last = int(idx[-1])
         # extend to the end-of-turn special token, across whitespace only
         for j in range(last + 1, min(last + 1 + _EOT_LOOKAHEAD, len(input_ids))):
-            s, e = offsets[j]
             if input_ids[j] in special_ids:
-                for k in range(last + 1, j + 1):
-                    mask[k] = 1
-                i = j + 1
+                mask[last + 1 : j + 1] = 1
                 break
-            if text[s:e].strip():
+            if text[start[j] : end[j]].strip():
                 break
-    return mask
+    return mask.tolist()
+
+
+def encode_batch(
+    tokenizer: Any, texts: list[str], offsets: bool = False
+) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids (and char offsets) of texts, no special tokens added, in one batched call
+    of the Rust backend (the transformers wrapper's per-encoding conversion is skipped)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs] if offsets else []
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    return list(out["input_ids"]), list(out["offset_mapping"]) if offsets else []
 
 
 def keep_last_run(mask: list[int]) -> list[int]:
@@ -254,10 +263,8 @@ def tokenize_chats(
         texts.append(text)
         where.append((n, spans))
     if texts:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for (n, spans), text, ids, offs in zip(
-            where, texts, enc["input_ids"], enc["offset_mapping"], strict=True
-        ):
+        all_ids, all_offs = encode_batch(tokenizer, texts, offsets=True)
+        for (n, spans), text, ids, offs in zip(where, texts, all_ids, all_offs, strict=True):
             mask = mask_from_offsets(ids, offs, text, spans, specials)
             results[n] = ChatSample(list(ids), mask)
     return results  # type: ignore[return-value]

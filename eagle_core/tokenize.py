@@ -32,6 +32,7 @@ import pyarrow as pa
 from eagle_core.chat import (
     ChatSample,
     choose_mask_mode,
+    encode_batch,
     resolve_chat_template,
     tokenize_chats,
 )
@@ -388,7 +389,7 @@ def _tokenize_fim(
             texts += [r["prefix"], r["middle"], r["suffix"]]
         else:
             texts.append(r["prefix"] + r["middle"] + r["suffix"])
-    enc = t.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    enc = encode_batch(t.tok, texts)[0] if texts else []
     k = 0
     for i, f in zip(idx, is_fim, strict=True):
         if f:
