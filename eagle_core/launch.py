@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 Launcher = Literal["deepspeed", "torchrun", "inline"]
 TAIL_LINES = 20  # lines of the failing rank quoted in the error
 _RANK_LINE = re.compile(r"^\[rank ?(\d+)\]:? ?")
-_FAILED = re.compile(r"ERROR eagle_core\.train: FAILED")
+_FAILED = re.compile(r"ERROR (?:eagle_core\.train|__main__): FAILED( \(caused by another rank\))?")
 
 
 def hostfile_slots(path: str) -> int:
@@ -198,7 +198,8 @@ def run_command(cmd: list[str], *, launcher: str = "deepspeed", nproc: int = 1) 
     tails: dict[int | None, collections.deque[str]] = collections.defaultdict(
         lambda: collections.deque(maxlen=TAIL_LINES)
     )
-    failed: list[int] = []
+    failed: list[int] = []  # ranks that logged their own error, in order
+    consequences: list[int] = []  # ranks that stopped because another failed
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -215,15 +216,17 @@ def run_command(cmd: list[str], *, launcher: str = "deepspeed", nproc: int = 1) 
             m = _RANK_LINE.match(line)
             rank = int(m.group(1)) if m else None
             tails[rank].append(line[m.end() :] if m else line)
-            if rank is not None and _FAILED.search(line) and rank not in failed:
-                failed.append(rank)
+            f = _FAILED.search(line) if rank is not None else None
+            if f and rank not in failed and rank not in consequences:
+                (consequences if f.group(1) else failed).append(rank)
             log.info("%s", line)
         rc = proc.wait()
     if rc == 0:
         return
+    failed += consequences
     if failed:
         rank: int | None = failed[0]
-        where = f"rank {rank} failed first" + (f" (also {failed[1:]})" if failed[1:] else "")
+        where = f"rank {rank} failed" + (f" (then ranks {failed[1:]})" if failed[1:] else "")
     else:  # killed (OOM, signal) before it could log: show the ranks that were seen
         ranked = [r for r in tails if r is not None]
         rank = ranked[-1] if ranked else None

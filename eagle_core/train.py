@@ -425,26 +425,23 @@ class TrainInputs:
         return [*self.data, *self.heldout, *([self.vocab_map] if self.vocab_map else [])]
 
 
-def _resolve_ref(store: ArtifactStore, url: str, what: str) -> StageRef:
-    other, stage, key = ArtifactStore.for_url(url)
-    if other.root != store.root:
-        store_of = other
-    else:
-        store_of = store
-    if not store_of.is_done(stage, key):
+def _resolve_ref(url: str, what: str) -> StageRef:
+    """The StageRef of an artifact URL (its own store: inputs may live under another root)."""
+    src, stage, key = ArtifactStore.for_url(url)
+    if not src.is_done(stage, key):
         raise ConfigError(
             f"{what} {url} has no manifest (not built, or still running)",
             fix=f"run the stage that makes it first ({stage})",
         )
-    return store_of.ref(stage, key)
+    return src.ref(stage, key)
 
 
 def resolve_inputs(store: ArtifactStore, cfg: TrainConfig) -> TrainInputs:
     """StageRefs of the data, held-out and vocab-map artifacts (ConfigError if unfinished)."""
     return TrainInputs(
-        data=[_resolve_ref(store, u, "train.data artifact") for u in cfg.data],
-        heldout=[_resolve_ref(store, u, "train.heldout artifact") for u in cfg.heldout],
-        vocab_map=_resolve_ref(store, cfg.vocab_map, "train.vocab_map") if cfg.vocab_map else None,
+        data=[_resolve_ref(u, "train.data artifact") for u in cfg.data],
+        heldout=[_resolve_ref(u, "train.heldout artifact") for u in cfg.heldout],
+        vocab_map=_resolve_ref(cfg.vocab_map, "train.vocab_map") if cfg.vocab_map else None,
     )
 
 
@@ -523,6 +520,11 @@ class DraftTrainModule(nn.Module):
         return compute_loss(self.draft, batch, self.target_head, self.ttt)
 
 
+def _store_of(ref: StageRef) -> ArtifactStore:
+    """The store an input artifact lives in (it may be another root than the run's)."""
+    return ArtifactStore.for_url(ref.url)[0]
+
+
 def _load_vocab_map(store: ArtifactStore, ref: StageRef) -> Any:
     from safetensors.torch import load_file
 
@@ -558,7 +560,7 @@ def build_models(
     n_layers = int(target.config.get_text_config().num_hidden_layers)
     layer_ids = cfg.aux_layer_ids
     for ref in inputs.data + inputs.heldout:
-        meta = store.manifest(ref.stage, ref.key).meta if cfg.mode == "offline" else {}
+        meta = _store_of(ref).manifest(ref.stage, ref.key).meta if cfg.mode == "offline" else {}
         if meta.get("target_config_hash"):
             check_same_target(meta["target_config_hash"], target, f"hidden shards {ref.url}")
         shard_ids = meta.get("aux_layer_ids")
@@ -574,7 +576,9 @@ def build_models(
                 )
     if cfg.kind == "eagle3" and layer_ids is None:
         layer_ids = default_aux_layer_ids(n_layers)
-    vocab_map = _load_vocab_map(store, inputs.vocab_map) if inputs.vocab_map else None
+    vocab_map = (
+        _load_vocab_map(_store_of(inputs.vocab_map), inputs.vocab_map) if inputs.vocab_map else None
+    )
     vd = cfg.draft_vocab_size
     if vocab_map is not None:
         if vd is not None and vd != vocab_map.d2t.numel():
@@ -689,6 +693,10 @@ class _StepStats:
         }
 
 
+class PeerFailure(TrainingError):
+    """This rank stops because another rank failed (the launcher reports the other one)."""
+
+
 def _check_finite(out: Any, batch: CollatedBatch, step: int, device: torch.device) -> None:
     """Stop every rank when any rank's loss is NaN/inf; the raising rank names its samples."""
     bad_here = not bool(torch.isfinite(out.loss.detach()).all())
@@ -702,7 +710,7 @@ def _check_finite(out: Any, batch: CollatedBatch, step: int, device: torch.devic
             "resumes from it",
         )
     if bad:
-        raise TrainingError(
+        raise PeerFailure(
             f"non-finite loss at step {step + 1} on another rank",
             fix="see that rank's error for the samples; the last complete checkpoint is kept",
         )
@@ -789,7 +797,7 @@ def train_main(
     offline = cfg.mode == "offline"
     heldout_fraction = 0.0 if inputs.heldout else cfg.heldout_fraction
     train_data = ShardDataset(
-        store,
+        None,
         inputs.data,
         hidden=offline,
         split="train",
@@ -798,11 +806,11 @@ def train_main(
     )
     heldout_data = None
     if inputs.heldout:
-        heldout_data = ShardDataset(store, inputs.heldout, hidden=offline)
+        heldout_data = ShardDataset(None, inputs.heldout, hidden=offline)
     elif heldout_fraction > 0:
         with contextlib.suppress(DataError):  # a tiny data set may have no held-out sample
             heldout_data = ShardDataset(
-                store,
+                None,
                 inputs.data,
                 hidden=offline,
                 split="heldout",
@@ -1157,6 +1165,9 @@ def main(argv: list[str] | None = None) -> int:
             stop_after_step=args.stop_after_step,
             step_delay_s=args.step_delay_s,
         )
+    except PeerFailure:
+        log.exception("FAILED (caused by another rank)")
+        return 1
     except Exception:
         log.exception("FAILED")
         return 1

@@ -10,8 +10,9 @@ Two sources, one code path:
   inside the training step (eagle_core/train.py).
 
 Order of samples (`plan_epoch`), the same for every world size:
-1. the row groups of all shards ("blocks") are permuted with a generator seeded by
-   (seed, epoch): reading stays block-local, yet the order changes every epoch;
+1. the row groups of all shards ("blocks") are permuted, and the samples inside each block,
+   with a generator seeded by (seed, epoch): reading stays block-local, yet the order changes
+   every epoch;
 2. the sample sequence is cut into windows of `group_steps` optimizer steps; inside a window
    samples are shuffled, then sorted by length (long first) and cut into micro batches: every
    micro batch holds samples of similar length, so little compute goes to padding;
@@ -123,7 +124,8 @@ class ShardDataset:
     last few decoded row groups are cached.
 
     Args:
-        store: the artifact store holding `ref`.
+        store: the artifact store holding every ref, or None: each ref's store is taken from
+            its URL (inputs may live under another root than the run's output).
         refs: tokenize (online) or extract_hidden (offline) artifacts, read in this order.
         hidden: read `aux_hidden` / `last_hidden` too (offline mode).
         heldout_fraction / seed: keep the samples `is_heldout` says are held out
@@ -132,7 +134,7 @@ class ShardDataset:
 
     def __init__(
         self,
-        store: ArtifactStore,
+        store: ArtifactStore | None,
         refs: Sequence[StageRef],
         *,
         hidden: bool,
@@ -140,7 +142,8 @@ class ShardDataset:
         heldout_fraction: float = 0.0,
         seed: int = 0,
     ) -> None:
-        self.store, self.refs, self.hidden = store, list(refs), hidden
+        self.refs, self.hidden = list(refs), hidden
+        self.stores = [store or ArtifactStore.for_url(r.url)[0] for r in self.refs]
         self.columns = list(TOKEN_COLUMNS) + (list(HIDDEN_COLUMNS) if hidden else [])
         self.locations: list[SampleLocation] = []
         self.lengths: list[int] = []
@@ -149,7 +152,7 @@ class ShardDataset:
         self._cache: OrderedDict[tuple[int, str, int], pa.Table] = OrderedDict()
         self._specs: dict[tuple[int, str], dict[str, TensorSpec]] = {}
         for source, ref in enumerate(self.refs):
-            names = store.list_files(ref, suffix=".parquet")
+            names = self.stores[source].list_files(ref, suffix=".parquet")
             if not names:
                 raise DataError(
                     f"artifact {ref.url} has no Parquet shards",
@@ -166,7 +169,7 @@ class ShardDataset:
 
     def _index_shard(self, source: int, name: str, split: str, fraction: float, seed: int):
         ref = self.refs[source]
-        with self.store.open(ref, name) as fh:
+        with self.stores[source].open(ref, name) as fh:
             pf = pq.ParquetFile(fh)
             missing = [c for c in self.columns if c not in pf.schema_arrow.names]
             if missing:
@@ -210,7 +213,7 @@ class ShardDataset:
         key = (source, shard, rg)
         table = self._cache.get(key)
         if table is None:
-            with self.store.open(self.refs[source], shard) as fh:
+            with self.stores[source].open(self.refs[source], shard) as fh:
                 pf = pq.ParquetFile(fh)
                 table = pf.read_row_group(rg, columns=self.columns)
                 # keep the tensor specs so batch_tensors can decode the cells
@@ -268,7 +271,10 @@ def plan_epoch(
     exactly micro_batch_size indices.
     """
     rng = np.random.default_rng([seed, epoch])
-    order = [i for b in rng.permutation(len(blocks)) for i in blocks[int(b)]]
+    order: list[int] = []
+    for b in rng.permutation(len(blocks)):
+        block = blocks[int(b)]
+        order.extend(block[int(i)] for i in rng.permutation(len(block)))
     step_samples = micro_batch_size * world_size * grad_accum
     if not order:
         return []

@@ -85,3 +85,33 @@ def publish_hidden(store: ArtifactStore, tokens: StageRef, target_dir: str) -> S
     return extract_hidden(
         store, tokens, ExtractConfig(target=target_dir, batch_size=4, shard_size=16)
     )
+
+
+def publish_corrupt_hidden(store: ArtifactStore, hidden: StageRef, bad_id: str) -> StageRef:
+    """A copy of a hidden artifact whose sample `bad_id` has NaN aux states (same meta)."""
+    from eagle_core.extract import iter_hidden_samples
+
+    rows = list(iter_hidden_samples(store, hidden))
+    assert any(r["sample_id"] == bad_id for r in rows)
+    for r in rows:
+        if r["sample_id"] == bad_id:
+            r["aux_hidden"] = r["aux_hidden"].clone()
+            r["aux_hidden"][1] = float("nan")
+    manifest = store.manifest(hidden.stage, hidden.key)
+    key = store.key("extract_hidden", {"corrupt": bad_id, "of": hidden.key})
+    with store.publish("extract_hidden", key) as w:
+        table = build_table(
+            {
+                "sample_id": [r["sample_id"] for r in rows],
+                "input_ids": [[int(x) for x in r["input_ids"]] for r in rows],
+                "loss_mask": [[int(x) for x in r["loss_mask"]] for r in rows],
+            },
+            {
+                "aux_hidden": [r["aux_hidden"] for r in rows],
+                "last_hidden": [r["last_hidden"] for r in rows],
+            },
+        )
+        write_parquet(w, "shard-00000.parquet", table)
+        w.meta.update(manifest.meta)
+        w.counts.update(samples=len(rows))
+    return store.ref("extract_hidden", key)
