@@ -57,6 +57,8 @@ FIM_FAMILIES: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
     # <|fim_pad|> is padding only.
     ("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", ("<|endoftext|>",)),
     ("codellama", "<PRE>", "<SUF>", "<MID>", ("<EOT>",)),
+    # DeepSeek-Coder: begin = prefix marker, hole = suffix marker, end = middle marker
+    ("deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", ("<｜end▁of▁sentence｜>",)),
     ("codellama", "▁<PRE>", "▁<SUF>", "▁<MID>", ("▁<EOT>", "<EOT>")),
 )
 
@@ -112,7 +114,8 @@ def discover_fim_tokens(tokenizer: Any, override: Sequence[str] | None = None) -
         )
     raise ConfigError(
         f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no FIM tokens "
-        "(looked for StarCoder <fim_prefix>, Qwen <|fim_prefix|>, CodeLlama <PRE>)",
+        "(looked for StarCoder <fim_prefix>, Qwen <|fim_prefix|>, CodeLlama <PRE>, "
+        "DeepSeek <｜fim▁begin｜>)",
         fix="use a code model's tokenizer with FIM tokens, pass fim_tokens=(prefix, suffix, "
         "middle, end) explicitly, or tokenize this data as chat",
     )

@@ -1,7 +1,7 @@
 """Small real tokenizers for the data-stage tests (byte-level BPE trained in the test).
 
 `bpe_tokenizer_factory(family, template=...)` returns the path of a saved tokenizer dir:
-family "starcoder" | "qwen" | "codellama" | "none" picks the FIM sentinel tokens; the chat
+family "starcoder" | "qwen" | "codellama" | "deepseek" | "none" picks the FIM sentinels; the chat
 template is ChatML (`<|im_start|>role\\n...<|im_end|>\\n`), with or without a
 `{% generation %}` block, or a Llama-3 style template ending turns with `<|eot_id|>`.
 """
@@ -27,6 +27,7 @@ FAMILY_SPECIALS = {
     "starcoder": ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
     "qwen": ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"],
     "codellama": ["</s>", "<PRE>", "<SUF>", "<MID>", "<EOT>"],
+    "deepseek": ["<｜end▁of▁sentence｜>", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"],
     "none": ["<|endoftext|>"],
 }
 CHAT_SPECIALS = [

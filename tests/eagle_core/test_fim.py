@@ -23,6 +23,7 @@ FAMILIES = {
     "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>"),
     "qwen": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|endoftext|>"),
     "codellama": ("<PRE>", "<SUF>", "<MID>", "<EOT>"),
+    "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", "<｜end▁of▁sentence｜>"),
 }
 PREFIX, MIDDLE, SUFFIX = "def add(a, b):\n", "    return a + b\n", "\nprint(add(1, 2))\n"
 
