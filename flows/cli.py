@@ -35,6 +35,9 @@ log = logging.getLogger("eagle_pipeline.cli")
 def _set_env_defaults() -> None:
     for k, v in _ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    # DeepSpeed JIT-builds its CPU comm op once: keep it in the venv, where `make` puts it
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    os.environ.setdefault("DS_BUILD_OPS", "0")
 
 
 # ---- options generated from the pydantic form sections --------------------------------------
@@ -183,7 +186,6 @@ def _cmd_export(ns: argparse.Namespace) -> str:
 
 def _cmd_evaluate(ns: argparse.Namespace) -> str:
     from eagle_core.evaluate import evaluate
-
     from flows.params import EvalParams
 
     cfg = _section(EvalParams, ns).eval_config(

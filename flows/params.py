@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without torch
-    from eagle_core.evaluate import EvalConfig
-
     from eagle_core.download import DownloadConfig
+    from eagle_core.evaluate import EvalConfig
     from eagle_core.export import ExportConfig
     from eagle_core.extract import ExtractConfig
     from eagle_core.regenerate import RegenerateConfig
@@ -245,6 +244,9 @@ class TrainParams(_Section):
         "auto", description="Training precision (auto: bf16 on GPU, fp32 on CPU)"
     )
     nproc: int = Field(1, ge=1, le=64, description="Processes (GPUs) on this node")
+    hostfile: str = Field(
+        "", description="DeepSpeed hostfile on the worker for several nodes (empty: one node)"
+    )
     launcher: Literal["deepspeed", "torchrun", "inline"] = Field(
         "deepspeed", description="How training processes start (inline: in the worker)"
     )
@@ -305,9 +307,13 @@ class ExportParams(_Section):
 class EvalParams(_Section):
     """Evaluate: real speculative decoding against the target."""
 
-    steps: int = Field(5, ge=1, le=16, description="Draft tokens proposed per target forward")
-    mode: Literal["chain", "tree"] = Field("chain", description="Drafting: chain or tree")
-    max_prompts: int = Field(20, ge=1, description="Held-out prompts decoded")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Held-out prompt files / records URLs (empty: the demo's held-out files)",
+    )
+    steps: int = Field(5, ge=1, le=16, description="Draft tokens per round (chain length)")
+    mode: Literal["chain", "tree"] = Field("chain", description="Drafting: chain or EAGLE-2 tree")
+    max_prompts: int = Field(16, ge=1, description="Held-out prompts per kind (chat, FIM)")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt")
 
     def eval_config(self, *, target: str, tokenizer: str, prompts: list[str]) -> EvalConfig:
@@ -316,7 +322,7 @@ class EvalParams(_Section):
         return EvalConfig(
             target=target,
             tokenizer=tokenizer,
-            prompts=tuple(prompts),
+            prompts=tuple(self.prompts or prompts),
             steps=self.steps,
             mode=self.mode,
             max_prompts=self.max_prompts,
@@ -349,7 +355,14 @@ QUICK: dict[str, dict[str, Any]] = {
     "tokenize": {"max_length": 128},
     "vocab": {"draft_vocab_size": 256},
     "extract": {"batch_size": 8, "shard_size": 16},
-    "train": {"steps": 6, "batch_size": 4, "checkpoint_every": 3, "lr": 1e-3, "nproc": 1},
+    "train": {
+        "steps": 6,
+        "batch_size": 4,
+        "checkpoint_every": 3,
+        "lr": 1e-3,
+        "nproc": 1,
+        "launcher": "inline",  # no launcher start-up (~1 min on 2 busy cores)
+    },
     "evaluate": {"max_prompts": 2, "max_new_tokens": 16, "steps": 3},
 }
 
@@ -400,13 +413,20 @@ class PipelineParams(_Section):
         return self
 
     def effective(self) -> PipelineParams:
-        """These parameters with the quick preset applied (a no-op when quick is off)."""
+        """These parameters with the quick preset applied (a no-op when quick is off).
+
+        The preset fills only fields the user left at their defaults: `quick` plus an
+        explicit `extract.shard_size` keeps that shard size.
+        """
         if not self.quick:
             return self
         update: dict[str, Any] = {}
         for section, values in QUICK.items():
             current = getattr(self, section)
-            update[section] = current.model_copy(update=values)
+            given = current.model_fields_set
+            update[section] = current.model_copy(
+                update={k: v for k, v in values.items() if k not in given}
+            )
         return self.model_copy(update=update)
 
 

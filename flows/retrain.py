@@ -178,7 +178,14 @@ def train_dag(
         data=[d.url for d in data],
         vocab_map=vocab.url if vocab else None,
     )
-    trained = train_task(cfg, p.train.nproc, p.train.launcher, store_url, force="train" in force)
+    trained = train_task(
+        cfg,
+        p.train.nproc,
+        p.train.launcher,
+        store_url,
+        force="train" in force,
+        hostfile=p.train.hostfile,
+    )
     return hidden, trained
 
 
@@ -203,12 +210,20 @@ def release_dag(
         evaluate.eval_config(
             target=inputs.target,
             tokenizer=inputs.tokenizer,
-            prompts=inputs.heldout or [ds.path for ds in inputs.datasets],
+            prompts=inputs.heldout or _training_prompts(inputs),
         ),
         store_url,
         force="evaluate" in force,
     )
     return exported, evaluated
+
+
+def _training_prompts(inputs: _Inputs) -> list[str]:
+    """No held-out prompts given: evaluate on the training files (tau is then optimistic)."""
+    get_run_logger().warning(
+        "evaluate: no held-out prompts (evaluate.prompts); measuring on the training data"
+    )
+    return [ds.path for ds in inputs.datasets]
 
 
 def run_pipeline(params: PipelineParams) -> RetrainResult:

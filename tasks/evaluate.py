@@ -39,7 +39,8 @@ def evaluate(
     from eagle_core.evaluate import evaluate as run
 
     log, store, started = get_run_logger(), ArtifactStore(store_url), time.time()
-    ref = run(store, export_ref, cfg, force=force)
+    progress = ui.progress_callback("evaluate", f"speculative decoding with {export_ref.url}")
+    ref = run(store, export_ref, cfg, force=force, progress=progress)
     ui.report_outcome(log, store, ref, started)
     log.info("evaluate: acceptance length tau = %s", tau_of(ref))
     _tables(store, ref, export_ref)
@@ -55,23 +56,33 @@ def tau_of(ref: StageRef) -> float | None:
 
 
 def _tables(store: ArtifactStore, ref: StageRef, export_ref: StageRef) -> None:
+    """The evaluation table (tau, speedup, losslessness), per-position acceptance, the
+    evaluator's own report and plot."""
     summary: list[dict[str, Any]] = [
         {"metric": k, "value": v}
         for k, v in sorted(ref.counts.items())
         if isinstance(v, (int, float, str, bool))
     ]
+    meta = store.manifest(ref.stage, ref.key).meta
+    for kind, tau in sorted((meta.get("tau") or {}).items()):
+        summary.append({"metric": f"tau[{kind}]", "value": tau})
     ui.table(
         "evaluate",
         "summary",
         summary,
         description=f"speculative decoding of {export_ref.url}: tau = {tau_of(ref)}",
     )
-    meta = store.manifest(ref.stage, ref.key).meta
-    per_pos = meta.get("per_position_acceptance") or ref.counts.get("per_position_acceptance")
+    per_pos = meta.get("per_position_acceptance")
     if isinstance(per_pos, list):
         ui.table(
             "evaluate",
             "acceptance",
-            [{"position": i + 1, "acceptance": float(a)} for i, a in enumerate(per_pos)],
-            description="share of drafts whose token at this position was accepted",
+            [{"position": i + 1, "acceptance": a} for i, a in enumerate(per_pos)],
+            description="share of rounds whose draft token at this position was accepted",
         )
+    files = store.list_files(ref)
+    text = store.read_bytes(ref, "report.md").decode() if "report.md" in files else ""
+    if "acceptance.png" in files:
+        text += "\n\n" + ui.png_markdown(store.read_bytes(ref, "acceptance.png"), "acceptance")
+    if text:
+        ui.markdown("evaluate", "report", text, description=f"tau = {tau_of(ref)}")

@@ -29,7 +29,12 @@ METRICS_FILE = "metrics.jsonl"
     timeout_seconds=7 * 24 * 3600,
 )
 def train(
-    cfg: TrainConfig, nproc: int, launcher: str, store_url: str, force: bool = False
+    cfg: TrainConfig,
+    nproc: int,
+    launcher: str,
+    store_url: str,
+    force: bool = False,
+    hostfile: str = "",
 ) -> StageRef:
     """Launch `python -m eagle_core.train` on `nproc` processes and wait for its artifact.
 
@@ -41,11 +46,14 @@ def train(
         launcher: "deepspeed", "torchrun" or "inline" (in the worker process).
         store_url: artifact root (the config's store must agree).
         force: retrain from scratch even if the final artifact exists.
+        hostfile: DeepSpeed hostfile for several nodes ("" = this node only).
     """
     from eagle_core.launch import launch_training
 
     log, store, started = get_run_logger(), ArtifactStore(store_url), time.time()
-    ref = launch_training(cfg, nproc=nproc, launcher=launcher, force=force)
+    ref = launch_training(
+        cfg, nproc=nproc, launcher=launcher, store=store, hostfile=hostfile or None, force=force
+    )
     ui.report_outcome(log, store, ref, started)
     ui.counts_table(ref, description="training: steps, tokens, final loss")
     _curves(store, ref)
