@@ -15,15 +15,17 @@ Sample ids are stable: `<source label>/<the record's own id>` when it has one (`
 `<source label>/<split>:<row>` (datasets). Weighted copies get `#<k>` appended.
 
 Mixing: a source's `weight` multiplies its kept rows: floor(weight) full copies plus a seeded
-subset of the fraction (0.5 keeps half, 2.0 repeats every row twice). Then the union is
-optionally shuffled (seeded) and capped at `max_samples`. Rows are held in memory between
-reading and writing (fine for chat/code sets up to a few million rows).
+subset for the fraction (0.5 keeps half, 2.0 repeats every row twice). With `shuffle=False`
+and whole-number weights, records stream from the sources straight into shards (memory
+stays flat, reading stops at `max_samples`); otherwise the mix is built in memory, then
+shuffled (seeded) and capped (fine for chat/code sets up to a few million rows).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -344,19 +346,21 @@ class SourceResult:
     read: int = 0
 
 
-def read_source(
+def iter_normalized(
     spec: SourceSpec,
     cfg: DownloadConfig,
     rejects: RejectCounter,
     splitter: FileSplitter,
     storage_options: dict[str, Any] | None = None,
-) -> SourceResult:
-    """Normalize one source's rows; rejects are counted into `rejects`."""
-    out = SourceResult()
+    tally: dict[str, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Normalized records of one source, streamed; rejects go to `rejects`, and
+    tally["read"] counts raw rows."""
+    tally = tally if tally is not None else {}
+    tally.setdefault("read", 0)
     seen: set[str] = set()
-    stop_at = cfg.max_samples if (cfg.max_samples and not cfg.shuffle) else None
     for row in iter_source(spec, storage_options, cfg.streaming):
-        out.read += 1
+        tally["read"] += 1
         own = raw_id(row.value) if isinstance(row.value, dict) else None
         sid = f"{spec.name}/{own if own is not None else row.where}"
         if row.rejected is not None:
@@ -372,9 +376,22 @@ def read_source(
         if isinstance(rec, Rejected):
             rejects.add(rec.reason, sid, rec.detail)
             continue
+        yield rec
+
+
+def read_source(
+    spec: SourceSpec,
+    cfg: DownloadConfig,
+    rejects: RejectCounter,
+    splitter: FileSplitter,
+    storage_options: dict[str, Any] | None = None,
+) -> SourceResult:
+    """All normalized records of one source (the shuffled / fractional-weight path)."""
+    tally: dict[str, int] = {}
+    out = SourceResult()
+    for rec in iter_normalized(spec, cfg, rejects, splitter, storage_options, tally):
         out.records.append(rec)
-        if stop_at is not None and len(out.records) >= stop_at:
-            break
+    out.read = tally.get("read", 0)
     return out
 
 
@@ -420,70 +437,132 @@ def download(
         log.info("download %s: cached", key)
         return store.ref(STAGE, key)
     log.info("download %s: %d source(s)", key, len(cfg.sources))
-    rejects = RejectCounter()
-    splitter = FileSplitter(mode=cfg.fim_split, seed=cfg.fim_seed)
-    rng = random.Random(cfg.seed)
-    records: list[dict[str, Any]] = []
-    per_source: dict[str, dict[str, int]] = {}
-    read_total = 0
-    for i, spec in enumerate(cfg.sources):
-        before = rejects.total
-        res = read_source(spec, cfg, rejects, splitter, storage_options)
-        picked = apply_weight(res.records, spec.weight, rng)
-        per_source[spec.name] = {
-            "read": res.read,
-            "kept": len(res.records),
-            "rejected": rejects.total - before,
-            "after_weight": len(picked),
-        }
-        read_total += res.read
-        records.extend(picked)
-        if progress:
-            progress(i + 1, len(cfg.sources))
-    _check_rejects(cfg, rejects, read_total)
-    if cfg.shuffle:
-        rng.shuffle(records)
-    if cfg.max_samples is not None:
-        records = records[: cfg.max_samples]
-    if not records:
-        raise DataError(
-            f"download: no records left from {[s.name for s in cfg.sources]} "
-            f"(rejected: {rejects.counts})",
-            fix="check the sources' format (chat messages, FIM fields or input_ids)",
-        )
+    run = _Run(cfg, FileSplitter(mode=cfg.fim_split, seed=cfg.fim_seed))
+    if is_streamable(cfg):
+        records: Iterator[dict[str, Any]] = _streamed(run, progress, storage_options)
+    else:
+        records = iter(_in_memory(run, progress, storage_options))
+        _check_rejects(cfg, run.rejects, run.read_total)  # before writing anything
     by_kind: dict[str, int] = {}
-    for r in records:
-        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+    n_rows = n_shards = 0
     with store.publish(STAGE, key, params=cfg, force=force) as w:
-        n_shards = math.ceil(len(records) / cfg.shard_size)
-        for s in range(n_shards):
-            name = f"shard-{s:05d}.parquet"
-            if not w.has(name):
-                chunk = records[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+        while chunk := list(itertools.islice(records, cfg.shard_size)):
+            name = f"shard-{n_shards:05d}.parquet"
+            if not w.has(name):  # journaled by a crashed earlier attempt: same content
                 write_parquet(w, name, records_table(chunk))
+            for r in chunk:
+                by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+            n_rows += len(chunk)
+            n_shards += 1
+        _check_rejects(cfg, run.rejects, run.read_total)  # no manifest if it raises
+        if not n_rows:
+            raise DataError(
+                f"download: no records left from {[s.name for s in cfg.sources]} "
+                f"(rejected: {run.rejects.counts})",
+                fix="check the sources' format (chat messages, FIM fields or input_ids)",
+            )
         w.counts.update(
-            rows=len(records),
-            read=read_total,
-            rejected=rejects.total,
-            rejected_by_reason={r: rejects.counts.get(r, 0) for r in ALL_REASONS},
+            rows=n_rows,
+            read=run.read_total,
+            rejected=run.rejects.total,
+            rejected_by_reason={r: run.rejects.counts.get(r, 0) for r in ALL_REASONS},
             by_kind=by_kind,
             shards=n_shards,
         )
         w.meta.update(
-            reject_examples=rejects.examples,
-            sources=per_source,
-            fim_ast_fallbacks=splitter.ast_fallbacks,
+            reject_examples=run.rejects.examples,
+            sources=run.per_source,
+            fim_ast_fallbacks=run.splitter.ast_fallbacks,
             fim_split=cfg.fim_split,
+            streamed=is_streamable(cfg),
         )
     log.info(
         "download %s: %d records (%d read, %d rejected %s)",
         key,
-        len(records),
-        read_total,
-        rejects.total,
-        rejects.counts,
+        n_rows,
+        run.read_total,
+        run.rejects.total,
+        run.rejects.counts,
     )
     return store.ref(STAGE, key)
+
+
+def is_streamable(cfg: DownloadConfig) -> bool:
+    """Records go straight to shards (no shuffle, whole-number weights); otherwise the
+    mix is built in memory first (a seeded shuffle / subset needs every row)."""
+    return not cfg.shuffle and all(float(s.weight).is_integer() for s in cfg.sources)
+
+
+@dataclass
+class _Run:
+    """State of one download: rejects, per-source counts, the file splitter."""
+
+    cfg: DownloadConfig
+    splitter: FileSplitter
+    rejects: RejectCounter = field(default_factory=RejectCounter)
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    read_total: int = 0
+
+
+def _streamed(
+    run: _Run,
+    progress: Callable[[int, int], None] | None,
+    storage_options: dict[str, Any] | None,
+) -> Iterator[dict[str, Any]]:
+    """Sources in order, each record followed by its weight copies; stops at the cap."""
+    cfg, emitted = run.cfg, 0
+    for i, spec in enumerate(cfg.sources):
+        tally: dict[str, int] = {}
+        before, kept, out = run.rejects.total, 0, 0
+        try:
+            for rec in iter_normalized(
+                spec, cfg, run.rejects, run.splitter, storage_options, tally
+            ):
+                kept += 1
+                for k in range(int(spec.weight)):
+                    if cfg.max_samples is not None and emitted >= cfg.max_samples:
+                        return
+                    yield rec if k == 0 else _copy_id(rec, k)
+                    emitted += 1
+                    out += 1
+        finally:
+            run.read_total += tally.get("read", 0)
+            run.per_source[spec.name] = {
+                "read": tally.get("read", 0),
+                "kept": kept,
+                "rejected": run.rejects.total - before,
+                "after_weight": out,
+            }
+        if progress:
+            progress(i + 1, len(cfg.sources))
+
+
+def _in_memory(
+    run: _Run,
+    progress: Callable[[int, int], None] | None,
+    storage_options: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """The whole mix: weights (exact seeded subsets), seeded shuffle, cap."""
+    cfg = run.cfg
+    rng = random.Random(cfg.seed)
+    records: list[dict[str, Any]] = []
+    for i, spec in enumerate(cfg.sources):
+        before = run.rejects.total
+        res = read_source(spec, cfg, run.rejects, run.splitter, storage_options)
+        picked = apply_weight(res.records, spec.weight, rng)
+        run.per_source[spec.name] = {
+            "read": res.read,
+            "kept": len(res.records),
+            "rejected": run.rejects.total - before,
+            "after_weight": len(picked),
+        }
+        run.read_total += res.read
+        records.extend(picked)
+        if progress:
+            progress(i + 1, len(cfg.sources))
+    if cfg.shuffle:
+        rng.shuffle(records)
+    return records[: cfg.max_samples] if cfg.max_samples is not None else records
 
 
 def _check_rejects(cfg: DownloadConfig, rejects: RejectCounter, read_total: int) -> None:

@@ -253,3 +253,23 @@ def test_compressed_jsonl_and_local_glob(tmp_path):
         ),
     )
     assert [r["sample_id"] for r in read_records(store, ref)] == [f"g/c{i}" for i in range(5)]
+
+
+def test_streamed_path_stops_reading_at_the_cap(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(i) for i in range(50)])
+    store = ArtifactStore(str(tmp_path / "store"))
+    cfg = DownloadConfig(
+        sources=(SourceSpec(path=a, weight=2, label="a"),),
+        shuffle=False,
+        max_samples=5,
+        shard_size=2,
+    )
+    ref = download(store, cfg)
+    ids = [r["sample_id"] for r in read_records(store, ref)]
+    assert ids == ["a/c0", "a/c0#1", "a/c1", "a/c1#1", "a/c2"]
+    assert ref.counts["shards"] == 3 and ref.counts["read"] == 3  # 47 rows never read
+    assert store.manifest("download", ref.key).meta["streamed"] is True
+    # streamed rejects over the threshold: no manifest
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat(0), b"{x", b"{y"])
+    with pytest.raises(DataError, match="rejected"):
+        download(store, DownloadConfig(sources=(SourceSpec(path=bad),), shuffle=False))
