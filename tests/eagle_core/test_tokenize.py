@@ -299,3 +299,20 @@ def test_template_rejects_are_counted_by_the_stage(records, bpe_tokenizer_factor
     assert ref.counts["rejected_by_reason"] == {"template_error": 1, "kind_mismatch": 6}
     ex = store.manifest("tokenize", ref.key).meta["reject_examples"]["template_error"]
     assert ex[0].startswith("m/multi:") and "too many turns" in ex[0]
+
+
+@pytest.mark.slow  # moto round trips: several seconds on a busy 2-core machine
+def test_all_data_stages_on_an_s3_store(tmp_path, s3_root, bpe_tokenizer_factory):
+    from eagle_core.vocab import VocabConfig, VocabMap, scan_vocab
+
+    store = ArtifactStore(s3_root)
+    src = write_jsonl(tmp_path / "mix.jsonl", CHATS + FIMS)
+    rec = download(store, DownloadConfig(sources=(SourceSpec(path=src, label="m"),)))
+    assert rec.url.startswith("s3://")
+    cfg = TokenizeConfig(tokenizer=bpe_tokenizer_factory("starcoder", "chatml"), shard_size=4)
+    tok = tokenize(store, rec, cfg)
+    assert tok.counts["rows"] == 8 and len(list(samples(store, tok))) == 8
+    voc = scan_vocab(store, tok, VocabConfig(draft_vocab_size=16))
+    vmap = VocabMap.from_artifact(store, voc, str(tmp_path))
+    assert vmap.draft_vocab_size == 16 and 0 < voc.counts["coverage"] <= 1
+    assert tokenize(store, rec, cfg).key == tok.key
