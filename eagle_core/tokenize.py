@@ -19,6 +19,7 @@ crashed run resumes shard by shard (journal) with identical results.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import multiprocessing
@@ -260,8 +261,8 @@ def truncate_fim_pieces(
 
 
 @dataclass
-class Tokenizer:
-    """A loaded tokenizer plus what the config derives from it (shared by every chunk)."""
+class LoadedTokenizer:
+    """A tokenizer plus what the config derives from it (shared by every chunk)."""
 
     tok: Any
     cfg: TokenizeConfig
@@ -271,7 +272,7 @@ class Tokenizer:
     fim_error: ConfigError | None = None
 
     @classmethod
-    def load(cls, cfg: TokenizeConfig, tok: Any | None = None) -> Tokenizer:
+    def load(cls, cfg: TokenizeConfig, tok: Any | None = None) -> LoadedTokenizer:
         tok = tok if tok is not None else load_tokenizer(cfg.tokenizer)
         t = cls(tok=tok, cfg=cfg)
         if cfg.format in ("auto", "chat"):
@@ -291,7 +292,7 @@ class Tokenizer:
         return t
 
 
-def tokenize_chunk(t: Tokenizer, rows: list[dict[str, Any]]) -> tuple[pa.Table, ChunkStats]:
+def tokenize_chunk(t: LoadedTokenizer, rows: list[dict[str, Any]]) -> tuple[pa.Table, ChunkStats]:
     """Tokenize a chunk of records -> (TOKENS_SCHEMA table, stats)."""
     cfg, stats = t.cfg, ChunkStats()
     out: dict[int, tuple[list[int], list[int], bool]] = {}  # row -> ids, mask, fim-trimmed
@@ -370,7 +371,7 @@ def tokenize_chunk(t: Tokenizer, rows: list[dict[str, Any]]) -> tuple[pa.Table, 
 
 
 def _tokenize_fim(
-    t: Tokenizer,
+    t: LoadedTokenizer,
     rows: list[dict[str, Any]],
     idx: list[int],
     out: dict[int, tuple[list[int], list[int], bool]],
@@ -406,12 +407,12 @@ def _tokenize_fim(
 
 
 # worker-process state for num_proc > 1 (loaded once per worker)
-_WORKER: Tokenizer | None = None
+_WORKER: LoadedTokenizer | None = None
 
 
 def _init_worker(cfg: TokenizeConfig) -> None:
     global _WORKER
-    _WORKER = Tokenizer.load(cfg)
+    _WORKER = LoadedTokenizer.load(cfg)
 
 
 def _mp_context() -> Any:
@@ -465,7 +466,7 @@ def tokenize(
         ConfigError: tokenizer without a chat template / FIM tokens that the data needs.
         DataError: no sample left.
     """
-    base = Tokenizer.load(cfg)
+    base = LoadedTokenizer.load(cfg)
     thash = tokenizer_hash(base.tok)
     key = store.key(STAGE, cfg, inputs=[records, f"tokenizer:{thash}"], code=CODE_VERSION)
     if store.is_done(STAGE, key) and not force:
@@ -553,8 +554,6 @@ def tokenize(
 
 def _drain(w: Any, pending: list[tuple[int, int, Any]], totals: ChunkStats, keep: int) -> int:
     """Write finished chunks in order until `keep` remain; returns input rows written."""
-    import json
-
     done = 0
     while len(pending) > keep:
         n, n_rows, res = pending.pop(0)
@@ -569,8 +568,6 @@ def _drain(w: Any, pending: list[tuple[int, int, Any]], totals: ChunkStats, keep
 
 
 def _read_partial_json(store: ArtifactStore, w: Any, name: str) -> dict[str, Any]:
-    import json
-
     return json.loads(store._read_bytes(store.path(w.stage, w.key, name)))
 
 
