@@ -183,6 +183,11 @@ def normalize_chat(raw: Mapping[str, Any]) -> list[dict[str, str]] | Rejected:
             return Rejected(Reason.UNKNOWN_ROLE, f"turn {i} has role {role_raw!r}")
         if content is None and role == "assistant":
             content = ""
+        if isinstance(content, list):  # OpenAI content parts: text only
+            texts = [p.get("text") for p in content if isinstance(p, Mapping)]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                return Rejected(Reason.BAD_MESSAGE, f"turn {i} has non-text content parts")
+            content = "".join(texts)  # type: ignore[arg-type]
         if not isinstance(content, str):
             return Rejected(Reason.BAD_MESSAGE, f"turn {i} content is {type(content).__name__}")
         if role == "system" and i != 0:

@@ -143,3 +143,16 @@ def test_records_table_is_typed_with_nulls():
     t = records_table([norm({"prefix": "a", "middle": "b", "suffix": "c"})])
     assert t.column_names == list(RECORD_COLUMNS)
     assert str(t.schema.field("input_ids").type) == "list<item: int32>"
+
+
+def test_openai_text_content_parts_are_joined_and_images_rejected():
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world"}]
+    r = norm(
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "hi"}]}
+    )
+    assert json.loads(r["messages_json"])[0]["content"] == "Hello world"
+    img = [{"type": "image_url", "image_url": {"url": "x"}}]
+    r = norm(
+        {"messages": [{"role": "user", "content": img}, {"role": "assistant", "content": "hi"}]}
+    )
+    assert r.reason == Reason.BAD_MESSAGE
