@@ -416,14 +416,20 @@ class PipelineParams(_Section):
         """These parameters with the quick preset applied (a no-op when quick is off).
 
         The preset fills only fields the user left at their defaults: `quick` plus an
-        explicit `extract.shard_size` keeps that shard size.
+        explicit `extract.shard_size` keeps that shard size. The Prefect run form submits
+        every field, so a value equal to the field's default counts as left at the default.
         """
         if not self.quick:
             return self
         update: dict[str, Any] = {}
         for section, values in QUICK.items():
             current = getattr(self, section)
-            given = current.model_fields_set
+            fields = type(current).model_fields
+            given = {
+                k
+                for k in current.model_fields_set
+                if getattr(current, k) != fields[k].get_default(call_default_factory=True)
+            }
             update[section] = current.model_copy(
                 update={k: v for k, v in values.items() if k not in given}
             )
