@@ -48,7 +48,7 @@ from storage import ArtifactStore, StageRef
 log = logging.getLogger(__name__)
 
 STAGE = "build_demo_target"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: training pool capped per kind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,15 +201,27 @@ def data_files(data: dict[str, DemoData], cfg: DemoTargetConfig) -> dict[str, by
 
 
 # ---- training text ------------------------------------------------------------------------
-def encode_samples(tokenizer, d: DemoData, fim_family: str) -> dict[str, list[list[int]]]:
-    """Token ids per kind: whole files, FIM text (PSM + end token), rendered chats."""
+def encode_samples(
+    tokenizer, d: DemoData, fim_family: str, max_tokens: int | None = None
+) -> dict[str, list[list[int]]]:
+    """Token ids per kind: whole files, FIM text (PSM + end token), rendered chats.
+
+    max_tokens: stop encoding a kind once it has this many tokens (samples are in their
+    seeded order, so the cut is deterministic); training needs far less than the stdlib.
+    """
     fim = FIM_FAMILIES[fim_family]
 
     def enc(texts: list[str]) -> list[list[int]]:
-        # verbose=False: whole files are longer than model_max_length on purpose (packed later)
-        return (
-            tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-        )
+        out: list[list[int]] = []
+        total = 0
+        for i in range(0, len(texts), 64):
+            # verbose=False: files are longer than model_max_length on purpose (packed later)
+            ids = tokenizer(texts[i : i + 64], add_special_tokens=False, verbose=False)
+            out.extend(ids["input_ids"])
+            total += sum(len(x) for x in ids["input_ids"])
+            if max_tokens is not None and total >= max_tokens:
+                break
+        return out
 
     chats = [tokenizer.apply_chat_template(s["messages"], tokenize=False) for s in d.chat]
     return {
@@ -269,7 +281,8 @@ def greedy_fim(
 
 def evaluate_target(model, tokenizer, heldout: DemoData, cfg: DemoTargetConfig) -> dict[str, Any]:
     """Held-out loss / next-token accuracy per kind and overall, FIM exact match."""
-    encoded = encode_samples(tokenizer, heldout, cfg.fim_family)
+    need = cfg.eval_blocks * (cfg.seq_len + 1) + cfg.seq_len  # + the tail cut off the stream
+    encoded = encode_samples(tokenizer, heldout, cfg.fim_family, max_tokens=need)
     metrics: dict[str, Any] = {}
     tot_loss = tot_acc = 0.0
     kinds = 0
@@ -363,7 +376,9 @@ def build_demo_target(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        encoded = encode_samples(tokenizer, train, cfg.fim_family)
+        # a pool per kind twice what the whole run could draw: blocks rarely repeat
+        pool = 2 * cfg.train_steps * cfg.batch_size * (cfg.seq_len + 1)
+        encoded = encode_samples(tokenizer, train, cfg.fim_family, max_tokens=pool)
         weights = {"text": cfg.mix_text, "fim": cfg.mix_fim, "chat": cfg.mix_chat}
         blocks = mixed_blocks(
             encoded,
