@@ -299,7 +299,7 @@ def build_config(
             torch_dtype=cfg.dtype,
             bias=True,  # reference EAGLE: fc = Linear(2H, H, bias=True)
         )
-        for k in ("dtype", "transformers_version", "auto_map"):
+        for k in ("dtype", "transformers_version", "auto_map", "layer_types"):
             out.pop(k, None)
     out["eagle_pipeline"] = _our_block(d, cfg.format, target)
     return out
@@ -549,8 +549,18 @@ def export(
         state, draft_cfg = read_training_checkpoint(store, train_ref, cfg.checkpoint, tmp)
         target = cfg.target or str(meta.get("target", ""))
         target_config: dict[str, Any] | None = None
-        if target and (cfg.format != "eagle3"):
+        if target and cfg.format == "eagle1":
             target_config = _target_config_dict(target)
+        elif target and cfg.format == "speculators":
+            try:  # only the verifier's architectures are read from it
+                target_config = _target_config_dict(target)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "export: target config of %s unreadable (%s); verifier "
+                    "architectures default to LlamaForCausalLM",
+                    target,
+                    exc,
+                )
         elif cfg.format == "eagle1":
             raise ConfigError(
                 "eagle1 export needs the target model (its config becomes config.json)",
