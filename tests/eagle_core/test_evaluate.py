@@ -94,19 +94,23 @@ def test_config_checks() -> None:
 
 @pytest.mark.slow
 def test_evaluate_stage(small_target_dir: str, small_tokenizer_dir: str, tmp_path) -> None:
+    """The default prompt source: the held-out files of a demo-target artifact (published
+    here from the small target), with the target given as that artifact's URL."""
     store = ArtifactStore(str(tmp_path / "store"))
-    target = load_target(small_target_dir)
-    exp = _export(store, target, small_target_dir)
-    path = tmp_path / "heldout.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in CHATS + FIMS))
-    cfg = EvalConfig(
-        target=small_target_dir,
-        tokenizer=small_tokenizer_dir,
-        prompts=(str(path),),
-        max_prompts=2,
-        max_new_tokens=12,
-        steps=3,
-    )
+    with store.publish("build_demo_target", "demo") as w:
+        w.add_dir(small_target_dir, prefix="model")
+        w.add_dir(small_tokenizer_dir, prefix="tokenizer")
+        w.write_bytes(
+            "data/chat_openai.heldout.jsonl", "".join(json.dumps(r) + "\n" for r in CHATS).encode()
+        )
+        w.write_bytes(
+            "data/fim.heldout.jsonl", "".join(json.dumps(r) + "\n" for r in FIMS).encode()
+        )
+        w.write_bytes("data/files.heldout.jsonl", b'{"content": "x = 1\\n"}\n')
+    demo_url = store.url("build_demo_target", "demo")
+    target = load_target(demo_url)
+    exp = _export(store, target, demo_url)
+    cfg = EvalConfig(max_prompts=2, max_new_tokens=12, steps=3)  # target from the export
     calls: list[tuple[int, int]] = []
     ref = evaluate(store, exp, cfg, progress=lambda i, n: calls.append((i, n)))
     assert calls[-1] == (4, 4)

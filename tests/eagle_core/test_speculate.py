@@ -170,6 +170,7 @@ def test_eos_and_max_new_tokens_match_greedy(small) -> None:
         assert speculative_generate(target, draft, p, 3, mode=mode).tokens == full[:3]
 
 
+@pytest.mark.slow
 def test_random_target_float64_many_prompts() -> None:
     """A random (untrained) 8-layer target in float64: prompts of many lengths, chain and
     tree, steps 1 and 4 (float64: no near-ties between batched and one-token forwards)."""
