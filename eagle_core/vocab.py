@@ -252,7 +252,7 @@ def scan_vocab(
         )
     counts = np.zeros(v, dtype=np.int64)
     for i, ref in enumerate(refs):
-        batches = iter_batches(store, ref, columns=["input_ids", "loss_mask"], batch_size=1024)
+        batches = iter_batches(store, ref, columns=["input_ids", "loss_mask"], batch_size=8192)
         counts += count_masked_tokens(batches, v, where=ref.url)
         if progress:
             progress(i + 1, len(refs))
