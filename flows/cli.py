@@ -381,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="target model")
     p.add_argument("--tokenizer", default="", help="tokenizer (default: the target's)")
     p.add_argument(
-        "--prompts", action="append", required=True, help="held-out prompt file (jsonl); repeatable"
+        "--prompts",
+        action="append",
+        required=True,
+        help="held-out prompt file (jsonl) or records artifact URL; repeatable",
     )
     _add_section_options(p, EvalParams)
 

@@ -309,7 +309,7 @@ class EvalParams(_Section):
 
     prompts: list[str] = Field(
         default_factory=list,
-        description="Held-out prompt files / records URLs (empty: the demo's held-out files)",
+        description="Held-out prompt files (jsonl/parquet; empty: the demo's held-out files)",
     )
     steps: int = Field(5, ge=1, le=16, description="Draft tokens per round (chain length)")
     mode: Literal["chain", "tree"] = Field("chain", description="Drafting: chain or EAGLE-2 tree")
@@ -317,12 +317,13 @@ class EvalParams(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt")
 
     def eval_config(self, *, target: str, tokenizer: str, prompts: list[str]) -> EvalConfig:
+        """`prompts`: records artifact URLs the flow downloaded from `self.prompts`."""
         from eagle_core.evaluate import EvalConfig
 
         return EvalConfig(
             target=target,
             tokenizer=tokenizer,
-            prompts=tuple(self.prompts or prompts),
+            prompts=tuple(prompts),
             steps=self.steps,
             mode=self.mode,
             max_prompts=self.max_prompts,

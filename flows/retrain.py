@@ -54,7 +54,7 @@ from tasks.train import train as train_task
 
 # The demo target's data files used as the demo datasets (chat + FIM), and held-out prompts.
 DEMO_DATASETS = (("data/chat_sharegpt.train.jsonl", "chat"), ("data/fim.train.jsonl", "fim"))
-DEMO_HELDOUT = ("data/chat_sharegpt.heldout.jsonl", "data/fim.heldout.jsonl")
+DEMO_HELDOUT = (("data/chat_sharegpt.heldout.jsonl", "chat"), ("data/fim.heldout.jsonl", "fim"))
 
 
 @dataclass
@@ -82,23 +82,39 @@ class _Inputs:
     target: str
     tokenizer: str
     datasets: list[DatasetSpec]
-    heldout: list[str]
+    heldout: list[DatasetSpec]  # prompt files for evaluate, downloaded like the datasets
 
 
 def _resolve_inputs(
     p: PipelineParams, store_url: str, force: set[str]
 ) -> tuple[_Inputs, StageRef | None]:
     """`target: demo` builds (or reuses) the demo target and takes its data files."""
+    user_heldout = [DatasetSpec(path=x, kind="auto") for x in p.evaluate.prompts]
     if p.target != DEMO:
-        return _Inputs(p.target, p.tokenizer or p.target, list(p.data.datasets), []), None
+        inputs = _Inputs(p.target, p.tokenizer or p.target, list(p.data.datasets), user_heldout)
+        return inputs, None
     demo = build_demo_target(
         demo_target_config(p.quick), store_url, force="build_demo_target" in force
     )
     datasets = list(p.data.datasets) or [
         DatasetSpec(path=f"{demo.url}/{name}", kind=kind) for name, kind in DEMO_DATASETS
     ]
-    heldout = [f"{demo.url}/{name}" for name in DEMO_HELDOUT]
+    heldout = user_heldout or [
+        DatasetSpec(path=f"{demo.url}/{name}", kind=kind) for name, kind in DEMO_HELDOUT
+    ]
     return _Inputs(demo.url, p.tokenizer or demo.url, datasets, heldout), demo
+
+
+def heldout_dag(
+    data: DataParams, inputs: _Inputs, store_url: str, force: set[str]
+) -> list[PrefectFuture]:
+    """Download the held-out prompt files (validated like training data, all rows kept);
+    runs in parallel with everything up to evaluate."""
+    every_row = data.model_copy(update={"max_samples": None})
+    return [
+        download.submit(every_row.download_config(ds), store_url, force="download" in force)
+        for ds in inputs.heldout
+    ]
 
 
 def prepare_data_dag(
@@ -195,10 +211,11 @@ def release_dag(
     inputs: _Inputs,
     trained: StageRef,
     draft_kind: Literal["eagle3", "eagle1"],
+    prompts: list[StageRef],
     store_url: str,
     force: set[str],
 ) -> tuple[StageRef, StageRef]:
-    """export, then evaluate with real speculative decoding."""
+    """export, then evaluate with real speculative decoding on the `prompts` records."""
     exported = export_task(
         trained,
         export.export_config(draft_kind, inputs.target),
@@ -210,20 +227,12 @@ def release_dag(
         evaluate.eval_config(
             target=inputs.target,
             tokenizer=inputs.tokenizer,
-            prompts=inputs.heldout or _training_prompts(inputs),
+            prompts=[r.url for r in prompts],
         ),
         store_url,
         force="evaluate" in force,
     )
     return exported, evaluated
-
-
-def _training_prompts(inputs: _Inputs) -> list[str]:
-    """No held-out prompts given: evaluate on the training files (tau is then optimistic)."""
-    get_run_logger().warning(
-        "evaluate: no held-out prompts (evaluate.prompts); measuring on the training data"
-    )
-    return [ds.path for ds in inputs.datasets]
 
 
 def run_pipeline(params: PipelineParams) -> RetrainResult:
@@ -242,11 +251,22 @@ def run_pipeline(params: PipelineParams) -> RetrainResult:
         sorted(force) or "none",
     )
     inputs, demo = _resolve_inputs(p, store_url, force)
+    heldout_f = heldout_dag(p.data, inputs, store_url, force)
     data_refs, tokens, vocab = prepare_data_dag(p, inputs, store_url, force)
     hidden, trained = train_dag(p, inputs, tokens, vocab, store_url, force)
+    heldout = _results(heldout_f)
+    if not heldout:
+        log.warning(
+            "evaluate: no held-out prompts (evaluate.prompts); measuring tau on the "
+            "training data, which overestimates it"
+        )
+        heldout = data_refs["download"]
     exported, evaluated = release_dag(
-        p.export, p.evaluate, inputs, trained, p.train.draft_kind, store_url, force
+        p.export, p.evaluate, inputs, trained, p.train.draft_kind, heldout, store_url, force
     )
+    data_refs["download"] = data_refs["download"] + [
+        r for r in heldout if r not in data_refs["download"]
+    ]
 
     refs: dict[str, list[StageRef]] = {
         "build_demo_target": [demo] if demo else [],
@@ -405,9 +425,17 @@ def release_draft(
             f"{train_url} is a {stage!r} artifact, not a train artifact",
             fix="pass the URL of a train stage artifact: <root>/train/<key>",
         )
-    inputs = _Inputs(target, tokenizer or target, [], list(prompts or []))
+    if not prompts:
+        raise PipelineError(
+            "release-draft got no prompts",
+            fix="pass held-out prompt files (jsonl) or records artifact URLs",
+        )
+    specs = [DatasetSpec(path=x, kind="auto") for x in prompts]
+    inputs = _Inputs(target, tokenizer or target, [], specs)
+    forced = set(force or [])
+    heldout = _results(heldout_dag(DataParams(), inputs, store.root, forced))
     kind = store.manifest(stage, key).meta.get("kind", "eagle3")
     exported, evaluated = release_dag(
-        export, evaluate, inputs, store.ref(stage, key), kind, store.root, set(force or [])
+        export, evaluate, inputs, store.ref(stage, key), kind, heldout, store.root, forced
     )
     return {"export": exported.to_dict(), "evaluate": evaluated.to_dict(), "tau": tau_of(evaluated)}
