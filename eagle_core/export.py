@@ -566,6 +566,7 @@ def export(
                 "eagle1 export needs the target model (its config becomes config.json)",
                 fix="set export.target",
             )
+        _check_fits_target_config(draft_cfg, target_config, cfg.target, train_ref.url)
         card = {
             "target": target,
             "training run": train_ref.url,
@@ -592,6 +593,30 @@ def export(
                 sha256=digests,
             )
     return store.ref(STAGE, key)
+
+
+def _check_fits_target_config(
+    draft_cfg: Mapping[str, Any],
+    target_config: Mapping[str, Any] | None,
+    explicit_target: str,
+    where: str,
+) -> None:
+    """ModelMismatchError when the export's verifier is not the target the draft was trained
+    for (hidden size, vocab, layers). Uses the loaded target config, else the config.json of
+    an explicitly given local target dir; nothing is checked when neither is at hand."""
+    tc = dict(target_config) if target_config is not None else None
+    local = os.path.join(explicit_target, "config.json") if explicit_target else ""
+    if tc is None and local and os.path.isfile(local):
+        tc = _target_config_dict(explicit_target)
+    if tc is None:
+        return
+    tc = dict(tc.get("text_config") or tc)
+    if "hidden_size" not in tc or "vocab_size" not in tc:
+        return
+    from types import SimpleNamespace
+
+    tc.setdefault("_name_or_path", explicit_target)
+    check_target_match(draft_cfg, SimpleNamespace(config=SimpleNamespace(**tc)), where)
 
 
 def _training_inputs(
