@@ -301,6 +301,7 @@ class KindStats:
     prompts: int = 0
     lossless: int = 0
     mismatched: list[str] = dataclasses.field(default_factory=list)
+    divergences: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     verify_forwards: int = 0
     accepted: int = 0
     emitted: int = 0
@@ -365,7 +366,35 @@ class KindStats:
             "lossless": self.lossless if greedy else None,
             "lossless_checked": self.prompts if greedy else 0,
             "mismatched_sample_ids": self.mismatched,
+            "divergences": self.divergences,
         }
+
+
+@torch.no_grad()
+def divergence(
+    target: torch.nn.Module, prompt: EvalPrompt, base: list[int], spec: list[int]
+) -> dict[str, Any]:
+    """Where a speculative output first left greedy decoding, and the target's logit margin
+    there (one full forward over the common prefix, no cache).
+
+    A margin near 0 (e.g. < 1e-3 in fp32, < 0.1 in bf16) is a near-tie that batched verify
+    and one-token decoding round differently; a large margin means a real bug.
+    """
+    i = next(
+        (j for j, (a, b) in enumerate(zip(base, spec, strict=False)) if a != b),
+        min(len(base), len(spec)),
+    )
+    out: dict[str, Any] = {"sample_id": prompt.sample_id, "position": i}
+    if i < len(base) and i < len(spec):
+        device = next(target.parameters()).device
+        ids = torch.tensor([[*prompt.input_ids, *base[:i]]], device=device)
+        logits = target(input_ids=ids).logits[0, -1].float()
+        out.update(
+            greedy_token=base[i],
+            speculative_token=spec[i],
+            logit_margin=float(logits[base[i]] - logits[spec[i]]),
+        )
+    return out
 
 
 def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -435,7 +464,12 @@ def measure(
                 s.lossless += 1
             else:
                 s.mismatched.append(p.sample_id)
-                log.warning("evaluate: %s: speculative output differs from greedy", p.sample_id)
+                s.divergences.append(divergence(target, p, base, spec.tokens))
+                log.warning(
+                    "evaluate: %s: speculative output differs from greedy (%s)",
+                    p.sample_id,
+                    s.divergences[-1],
+                )
         if progress is not None:
             progress(i + 1, len(prompts))
     total = KindStats()

@@ -134,3 +134,17 @@ def test_evaluate_stage(small_target_dir: str, small_tokenizer_dir: str, tmp_pat
     ref2 = evaluate(store, exp, cfg, prompts=prompts)
     assert ref2.key != ref.key
     assert set(store.read_json(ref2, "report.json")["kinds"]) == {"fim"}
+
+
+def test_divergence_reports_position_and_margin(small_target_dir: str) -> None:
+    from eagle_core.evaluate import divergence
+    from eagle_core.speculate import greedy_generate
+
+    target = load_target(small_target_dir)
+    prompt = EvalPrompt("p", "fim", (5, 17, 33, 40))
+    base = greedy_generate(target, torch.tensor([prompt.input_ids]), 4)
+    other = (base[2] + 1) % target.config.vocab_size
+    d = divergence(target, prompt, base, [*base[:2], other, base[3]])
+    assert d["position"] == 2 and d["greedy_token"] == base[2]
+    assert d["speculative_token"] == other and d["logit_margin"] > 0  # greedy = the argmax
+    assert divergence(target, prompt, base, base[:3]) == {"sample_id": "p", "position": 3}
