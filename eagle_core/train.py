@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -454,7 +455,11 @@ def run_directory(store: ArtifactStore, key: str) -> str:
     """The local working directory of a run (see eagle_core/checkpoint.py for why)."""
     if store.is_local:
         return store.path(STAGE, key)
-    return os.path.join(tempfile.gettempdir(), "eagle-train", key)
+    root_id = hashlib.sha256(store.root.encode()).hexdigest()[:8]  # one staging dir per root
+    staging = os.environ.get("EAGLE_TRAIN_STAGING") or os.path.join(
+        tempfile.gettempdir(), "eagle-train"
+    )
+    return os.path.join(staging, f"{root_id}-{key}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -502,10 +507,12 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 # model
 # ---------------------------------------------------------------------------------------
 class DraftTrainModule(nn.Module):
-    """What DeepSpeed wraps: the draft plus the frozen target head; forward -> LossOutput.
+    """What DeepSpeed wraps: the draft plus the frozen target head.
 
-    The head [V, H] is a plain attribute, not a parameter or buffer: DeepSpeed must neither
-    optimise nor checkpoint nor cast it (the target distribution stays in the target's dtype).
+    forward returns the LossOutput's fields as a dict: ZeRO-3 finds the loss tensor inside a
+    dict (not inside an unknown class) and hooks its backward. The head [V, H] is a plain
+    attribute, not a parameter or buffer: DeepSpeed must neither optimise nor checkpoint nor
+    cast it (the target distribution stays in the target's dtype).
     """
 
     def __init__(self, draft: nn.Module, target_head: Tensor, ttt: Any) -> None:
@@ -514,10 +521,17 @@ class DraftTrainModule(nn.Module):
         self.target_head = target_head
         self.ttt = ttt
 
-    def forward(self, batch: Any) -> Any:
+    def forward(self, batch: Any) -> dict[str, Any]:
         from eagle_core.loss import compute_loss
 
-        return compute_loss(self.draft, batch, self.target_head, self.ttt)
+        out = compute_loss(self.draft, batch, self.target_head, self.ttt)
+        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+
+
+def _loss_output(d: dict[str, Any]) -> Any:
+    from eagle_core.loss import LossOutput
+
+    return LossOutput(**d)
 
 
 def _store_of(ref: StageRef) -> ArtifactStore:
@@ -738,7 +752,7 @@ def _evaluate(
             idx = j * world + rank
             real = idx < len(batches)
             mb = collate([data[i] for i in batches[min(idx, len(batches) - 1)]], dtype)
-            out = engine(to_draft_batch(mb, setup, cfg, device, dtype))
+            out = _loss_output(engine(to_draft_batch(mb, setup, cfg, device, dtype)))
             if real:
                 stats.add(out, mb)
     engine.train()
@@ -898,7 +912,7 @@ def train_main(
                 for a in range(cfg.grad_accum):
                     idx = plan[micro_batch_index(s, a, rank, world, cfg.grad_accum)]
                     mb = collate([train_data[i] for i in idx], dtype)
-                    out = engine(to_draft_batch(mb, setup, cfg, device, dtype))
+                    out = _loss_output(engine(to_draft_batch(mb, setup, cfg, device, dtype)))
                     _check_finite(out, mb, state.step, device)
                     engine.backward(out.loss)
                     engine.step()
@@ -979,6 +993,8 @@ def train_main(
             len(train_data),
             len(heldout_data) if heldout_data else 0,
         )
+        if not store.is_local:  # everything is in the store now: free the staging disk
+            shutil.rmtree(run_dir, ignore_errors=True)
     ckpt._barrier()
     return store.ref(STAGE, key)
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -323,3 +324,35 @@ def test_sigkilled_run_resumes_to_the_same_weights(data: dict, tmp_path, caplog)
         if r["kind"] == "train"
     ]
     assert steps == list(range(1, 9))  # the killed run's extra records were dropped
+
+
+# ---- remote store (S3 API on loopback) ------------------------------------------------------
+@pytest.mark.slow
+def test_s3_run_uploads_checkpoints_and_resumes_on_a_fresh_machine(
+    data: dict, tmp_path, s3_root: str, monkeypatch, caplog
+):
+    from eagle_core.train import train_main
+
+    monkeypatch.setenv("EAGLE_TRAIN_STAGING", str(tmp_path / "machine-1"))
+    cfg = _cfg(data, s3_root, steps=8, checkpoint_every=4, heldout_fraction=0.0)
+    assert train_main(cfg, stop_after_step=4) is None  # "crashed" right after step 4
+    store = ArtifactStore(s3_root)
+    key = train_key(store, cfg)
+    remote = store.path("train", key, f"checkpoints/step-00000004/{ckpt.COMPLETE}")
+    assert store.fs.exists(remote) and not store.is_done("train", key)
+
+    monkeypatch.setenv("EAGLE_TRAIN_STAGING", str(tmp_path / "machine-2"))  # empty disk
+    caplog.set_level("INFO", logger="eagle_core.checkpoint")
+    ref = run_training(store, cfg)
+    assert "downloaded checkpoint step-00000004" in caplog.text
+    assert "resumed from" in caplog.text
+    files = store.list_files(ref)
+    assert FINAL_WEIGHTS in files and "checkpoints/step-00000008/complete.json" in files
+    assert not os.path.exists(run_directory(store, key))  # staging freed after publishing
+    local_root = str(tmp_path / "local")
+    clean = run_training(ArtifactStore(local_root), dataclasses.replace(cfg, store=local_root))
+    with tempfile.TemporaryDirectory() as tmp:
+        a = load_file(store.local_copy(ref, FINAL_WEIGHTS, tmp))
+    b = load_file(os.path.join(clean.url, FINAL_WEIGHTS))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
