@@ -118,6 +118,11 @@ def test_eagle3_layout_keys_shapes_dtypes_and_config(tmp_path) -> None:
         "use_aux_hidden_state": True,
     }
     assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    from transformers import AutoConfig  # what SGLang and vLLM parse config.json with
+
+    hf = AutoConfig.from_pretrained(out)
+    assert type(hf).__name__ == "LlamaConfig" and hf.num_hidden_layers == 1
+    assert hf.draft_vocab_size == VD and hf.eagle_config["use_aux_hidden_state"] is True
     readme = (tmp_path / "e3" / "README.md").read_text()
     assert "[1, 3, 4]" in readme and "not measured" in readme
 
@@ -180,6 +185,10 @@ def test_eagle1_layout(tmp_path) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_hidden_layers"] == 1 and config["vocab_size"] == V
     assert config["hidden_size"] == H
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(str(tmp_path))  # the reference EAGLE code reads it so
+    assert hf.num_hidden_layers == 1 and hf.vocab_size == V and hf.bias is True
 
 
 def test_export_is_deterministic(tmp_path) -> None:
