@@ -78,6 +78,17 @@ def test_prompt_building(small_tokenizer_dir: str, tmp_path) -> None:
         ("f2", "fim"),
     ]
     assert skipped == {"no_assistant_turn": 1}  # the record normaliser refused it
+    # a records artifact (what the download stage writes) as the source
+    from eagle_core.records import normalize_record, records_table
+    from storage.shards import write_parquet
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    recs = [normalize_record(r, sample_id=r["id"], source="t") for r in CHATS[:2] + FIMS]
+    with store.publish("download", "heldout") as w:
+        write_parquet(w, "shard-00000.parquet", records_table(recs))
+    url = store.url("download", "heldout")
+    from_artifact, _ = load_prompts(EvalConfig(prompts=(url,), max_prompts=5), tok, "")
+    assert from_artifact == prompts
     empty = tmp_path / "e.jsonl"
     empty.write_text(json.dumps(CHATS[2]) + "\n")
     with pytest.raises(DataError, match="no usable"):
