@@ -416,10 +416,22 @@ def _init_worker(cfg: TokenizeConfig) -> None:
 
 
 def _mp_context() -> Any:
-    """fork where available (workers start in milliseconds, like `datasets.map`; the Rust
-    tokenizer disables its own thread pool in forked children), spawn elsewhere."""
+    """fork when this process has a single thread (workers start in milliseconds, like
+    `datasets.map`; the Rust tokenizer disables its own pool in forked children); otherwise
+    (e.g. inside a Prefect worker thread) forkserver or spawn, since forking a
+    multi-threaded process can copy a lock held by another thread and deadlock."""
+    import threading
+
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        # a single-threaded server process imports the heavy modules once, workers fork
+        # from it
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["eagle_core.tokenize", "transformers"])
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 def _work(rows: list[dict[str, Any]]) -> tuple[pa.Table, ChunkStats]:

@@ -254,6 +254,7 @@ def test_resume_after_crash_equals_fresh_run(tmp_path, bpe_tokenizer_factory):
     assert len(store.list_files(ref, suffix=".parquet")) == 3
 
 
+@pytest.mark.slow  # worker processes (forkserver/spawn when other threads exist: imports)
 def test_num_proc_gives_identical_output(records, bpe_tokenizer_factory):
     store, rec = records
     cfg = TokenizeConfig(tokenizer=bpe_tokenizer_factory("qwen", "chatml"), shard_size=2)
