@@ -487,6 +487,8 @@ def tokenize(
     by_kind = records.counts.get("by_kind") or {}
     if cfg.format == "auto" and by_kind.get("fim") and base.fim is None:
         raise base.fim_error or ConfigError("no FIM tokens", fix="pass fim_tokens")
+    if cfg.format == "auto" and by_kind.get("chat") and base.template is None:
+        resolve_chat_template(base.tok, cfg.chat_template)  # raises the ConfigError
     total_rows = int(records.counts.get("rows") or 0)
     log.info("tokenize %s: %s rows of %s with %s", key, total_rows, records.url, cfg.tokenizer)
     totals = ChunkStats()

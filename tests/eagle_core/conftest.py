@@ -53,7 +53,12 @@ LLAMA3 = (
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-TEMPLATES = {"chatml": CHATML, "chatml_generation": CHATML_GENERATION, "llama3": LLAMA3}
+TEMPLATES = {
+    "chatml": CHATML,
+    "chatml_generation": CHATML_GENERATION,
+    "llama3": LLAMA3,
+    "none": None,  # a base model's tokenizer: no chat template at all
+}
 
 
 def build_bpe_tokenizer(

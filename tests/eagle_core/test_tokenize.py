@@ -317,3 +317,14 @@ def test_all_data_stages_on_an_s3_store(tmp_path, s3_root, bpe_tokenizer_factory
     vmap = VocabMap.from_artifact(store, voc, str(tmp_path))
     assert vmap.draft_vocab_size == 16 and 0 < voc.counts["coverage"] <= 1
     assert tokenize(store, rec, cfg).key == tok.key
+
+
+def test_chat_data_without_a_template_is_a_config_error(records, bpe_tokenizer_factory):
+    store, rec = records
+    tdir = bpe_tokenizer_factory("starcoder", "none")
+    with pytest.raises(ConfigError, match="no chat template"):
+        tokenize(store, rec, TokenizeConfig(tokenizer=tdir))
+    # an explicit template fixes it
+    tmpl = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    ref = tokenize(store, rec, TokenizeConfig(tokenizer=tdir, chat_template=tmpl))
+    assert ref.counts["rows"] == 8
