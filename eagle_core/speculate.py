@@ -22,11 +22,10 @@ prefix, and every emitted token is a target argmax. τ (tokens per verify forwar
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -117,7 +116,9 @@ class _Clock:
         self.draft = 0.0
         self.target = 0.0
 
-    def run(self, which: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def run(
+        self, which: Literal["draft", "target"], fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
         _sync(self.device)
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -240,8 +241,13 @@ class _Speculator:
         self.layer_ids = tuple(cfg.aux_layer_ids) or (0,)
 
     # -- forwards
-    def target_forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None, cap):  # type: ignore[no-untyped-def]
-        """ids/positions: [1, S]; returns logits [S, V] (fp32) and the captured states."""
+    def target_forward(
+        self, ids: Tensor, positions: Tensor, mask: Tensor | None, cap: HiddenCapture
+    ) -> tuple[Tensor, TargetStates]:
+        """ids/positions: [1, S]; mask: None (causal) or [1, 1, S, L+S] additive.
+
+        Returns logits [S, V] (fp32) and the states captured in this forward ([1, S, ...]).
+        """
         out = self.clock.run(
             "target",
             self.target,
@@ -362,8 +368,15 @@ def speculative_generate(
     return sp.res
 
 
-def _chain_round(sp: _Speculator, x: list[int], root_h: Tensor, root_logits: Tensor, cap):  # type: ignore[no-untyped-def]
-    """Draft K tokens in a row, verify them in one forward; (emitted tokens, their states)."""
+def _chain_round(
+    sp: _Speculator, x: list[int], root_h: Tensor, root_logits: Tensor, cap: HiddenCapture
+) -> tuple[list[int], TargetStates]:
+    """Draft K tokens in a row, verify them in one forward.
+
+    root_h [1, 1, H] / root_logits [1, Vd]: the draft's output at its last verified entry.
+    Returns the emitted tokens (accepted proposals + the target's bonus token) and the
+    target states of the verified positions n-1 .. n-1+accepted ([1, accepted+1, ...]).
+    """
     dev, k_steps = sp.device, sp.steps
     r = len(x) - 2  # the chain's root entry (the last verified draft entry)
     proposals: list[int] = []
@@ -425,15 +438,15 @@ def _count(sp: _Speculator, accepted: int, proposed_depth: int) -> None:
             sp.res.per_position_accept_counts[k] += 1
 
 
-def _tree_round(  # type: ignore[no-untyped-def]
+def _tree_round(
     sp: _Speculator,
     x: list[int],
     root_h: Tensor,
     root_logits: Tensor,
-    cap,
+    cap: HiddenCapture,
     topk: int,
     total_tokens: int,
-):
+) -> tuple[list[int], TargetStates]:
     """EAGLE-2 dynamic tree: expand the top-k beams per level, rerank all nodes by cumulative
     log-prob, verify the best `total_tokens` with a tree mask, keep the longest accepted path.
     """
@@ -546,7 +559,3 @@ def _select_nodes(
             chosen.add(i)
             picked.append(i)
     return sorted(picked, key=lambda i: (depths[i], -scores[i], i))
-
-
-def mean_or_nan(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
