@@ -30,6 +30,8 @@ _ENV_DEFAULTS = {
 }
 
 log = logging.getLogger("eagle_pipeline.cli")
+# third-party loggers whose DEBUG output can hold credentials (see main)
+_QUIET_WHEN_VERBOSE = ("botocore", "boto3", "aiobotocore", "s3fs", "urllib3", "gcsfs", "adlfs")
 
 
 def _set_env_defaults() -> None:
@@ -416,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # -v is for our loggers: the S3/HTTP clients' DEBUG lines print signed request headers
+    # (x-amz-security-token = the session token), which must never reach a log
+    for name in _QUIET_WHEN_VERBOSE:
+        logging.getLogger(name).setLevel(logging.INFO)
     from pydantic import ValidationError
 
     from storage.errors import PipelineError

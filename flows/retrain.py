@@ -235,8 +235,24 @@ def release_dag(
     return exported, evaluated
 
 
+def preload() -> None:
+    """Import what the parallel tasks import, once, before their threads start.
+
+    transformers resolves `AutoTokenizer` & co. lazily and that is not thread-safe: two
+    tokenize tasks importing it at the same moment can fail with "cannot import name".
+    """
+    import transformers
+
+    for name in ("AutoTokenizer", "AutoModelForCausalLM", "AutoConfig", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+    import eagle_core.download  # noqa: F401
+    import eagle_core.extract  # noqa: F401
+    import eagle_core.tokenize  # noqa: F401
+
+
 def run_pipeline(params: PipelineParams) -> RetrainResult:
     """The retrain DAG for validated parameters (called by the flows and the CLI)."""
+    preload()
     log = get_run_logger()
     p = params.effective()
     store_url = p.storage.url()
@@ -378,6 +394,7 @@ def prepare_data(
         quick: Quick preset.
         force: Stages to recompute.
     """
+    preload()
     p = PipelineParams(
         target=target,
         tokenizer=tokenizer,
@@ -419,6 +436,7 @@ def release_draft(
         evaluate: Speculative decoding evaluation.
         force: Stages to recompute.
     """
+    preload()
     store, stage, key = ArtifactStore.for_url(train_url)
     if stage != "train":
         raise PipelineError(
