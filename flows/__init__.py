@@ -1,0 +1,1 @@
+"""Prefect flows (`retrain` and the stage groups), their pydantic run form, the CLI, the UI."""
