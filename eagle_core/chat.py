@@ -49,10 +49,15 @@ class ChatReason:
 
 @dataclass(frozen=True)
 class ChatSample:
-    """A tokenized conversation. input_ids, loss_mask: [T]."""
+    """A tokenized conversation. input_ids, loss_mask: [T].
+
+    turns_without_eot: answers after which no special end-of-turn token was found (offsets
+    mode): the draft then never learns to stop there; counted in the tokenize manifest.
+    """
 
     input_ids: list[int]
     loss_mask: list[int]
+    turns_without_eot: int = 0
 
 
 def resolve_chat_template(tokenizer: Any, override: str | None = None) -> str:
@@ -150,8 +155,10 @@ def mask_from_offsets(
     text: str,
     spans: Sequence[tuple[int, int]],
     special_ids: set[int],
-) -> list[int]:
+) -> tuple[list[int], int]:
     """loss_mask [T]: 1 on tokens overlapping a span, and on the end-of-turn token after it.
+
+    Returns (loss_mask, number of spans with no end-of-turn special token after them).
 
     offsets: [T] (start, end) char offsets; a zero-width token (trimmed whitespace) at p
     belongs to a span [a, b) when a < p <= b (its offset is its end).
@@ -160,6 +167,7 @@ def mask_from_offsets(
     start, end = off[:, 0], off[:, 1]
     zero = end <= start
     mask = np.zeros(len(input_ids), dtype=np.int8)
+    missing = 0
     for a, b in spans:
         inside = np.where(zero, (a < start) & (start <= b), (start < b) & (end > a))
         idx = np.flatnonzero(inside)
@@ -168,13 +176,16 @@ def mask_from_offsets(
         mask[idx] = 1
         last = int(idx[-1])
         # extend to the end-of-turn special token, across whitespace only
+        found = False
         for j in range(last + 1, min(last + 1 + _EOT_LOOKAHEAD, len(input_ids))):
             if input_ids[j] in special_ids:
                 mask[last + 1 : j + 1] = 1
+                found = True
                 break
             if text[start[j] : end[j]].strip():
                 break
-    return mask.tolist()
+        missing += not found
+    return mask.tolist(), missing
 
 
 def encode_batch(
@@ -265,8 +276,8 @@ def tokenize_chats(
     if texts:
         all_ids, all_offs = encode_batch(tokenizer, texts, offsets=True)
         for (n, spans), text, ids, offs in zip(where, texts, all_ids, all_offs, strict=True):
-            mask = mask_from_offsets(ids, offs, text, spans, specials)
-            results[n] = ChatSample(list(ids), mask)
+            mask, missing = mask_from_offsets(ids, offs, text, spans, specials)
+            results[n] = ChatSample(list(ids), mask, missing)
     return results  # type: ignore[return-value]
 
 

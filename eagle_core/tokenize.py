@@ -182,6 +182,7 @@ class ChunkStats:
     tokens: int = 0
     masked_tokens: int = 0
     truncated: int = 0
+    turns_without_eot: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     fim_layout: dict[str, int] = field(default_factory=dict)
     length_hist: dict[str, int] = field(default_factory=dict)
@@ -192,6 +193,7 @@ class ChunkStats:
         self.tokens += other.tokens
         self.masked_tokens += other.masked_tokens
         self.truncated += other.truncated
+        self.turns_without_eot += other.turns_without_eot
         for mine, theirs in (
             (self.by_kind, other.by_kind),
             (self.fim_layout, other.fim_layout),
@@ -207,6 +209,7 @@ class ChunkStats:
             "tokens": self.tokens,
             "masked_tokens": self.masked_tokens,
             "truncated": self.truncated,
+            "turns_without_eot": self.turns_without_eot,
             "by_kind": self.by_kind,
             "fim_layout": self.fim_layout,
             "length_hist": self.length_hist,
@@ -221,6 +224,7 @@ class ChunkStats:
             tokens=d["tokens"],
             masked_tokens=d["masked_tokens"],
             truncated=d["truncated"],
+            turns_without_eot=d.get("turns_without_eot", 0),
             by_kind=d["by_kind"],
             fim_layout=d["fim_layout"],
             length_hist=d["length_hist"],
@@ -333,6 +337,7 @@ def tokenize_chunk(t: LoadedTokenizer, rows: list[dict[str, Any]]) -> tuple[pa.T
                 stats.rejects.add(res.reason, rows[i]["sample_id"], res.detail)
             else:
                 assert isinstance(res, ChatSample)
+                stats.turns_without_eot += res.turns_without_eot
                 out[i] = (res.input_ids, res.loss_mask, False)
     if fims:
         if t.fim is None:
@@ -548,8 +553,16 @@ def tokenize(
             else None,
             fim_family=base.fim.family if base.fim else None,
             fim_layout=totals.fim_layout,
+            chat_turns_without_eot=totals.turns_without_eot,
             length_hist=dict(sorted(totals.length_hist.items(), key=lambda kv: int(kv[0][2:]))),
             reject_examples=totals.rejects.examples,
+        )
+    if totals.turns_without_eot:
+        log.warning(
+            "tokenize %s: %d answers have no special end-of-turn token after them (the "
+            "template ends turns with plain text?): the draft will not learn to stop there",
+            key,
+            totals.turns_without_eot,
         )
     if totals.rejects.total:
         log.warning(

@@ -150,3 +150,15 @@ def test_helpers():
     assert find_assistant_spans(
         text, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]
     ) == [(9, 11)]
+
+
+def test_answers_without_a_special_end_token_are_counted(bpe_tokenizer_factory):
+    tok = AutoTokenizer.from_pretrained(bpe_tokenizer_factory("starcoder", "chatml"))
+    plain_end = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\nEND\n{% endfor %}"
+    s = tokenize_chats(tok, CONVS[:1], template=plain_end)[0]
+    assert s.turns_without_eot == 2
+    assert [tok.decode(r) for r in masked_runs(s.input_ids, s.loss_mask)] == [
+        m["content"] for m in CONVS[0] if m["role"] == "assistant"
+    ]
+    ok = tokenize_chats(tok, CONVS[:1], template=resolve_chat_template(tok))[0]
+    assert ok.turns_without_eot == 0
