@@ -486,7 +486,12 @@ class _Draft(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def _forward(
-        self, input_ids: Tensor, hidden: Tensor, positions: Tensor, ctx: DraftKVCache | TTTState
+        self,
+        input_ids: Tensor,
+        hidden: Tensor,
+        positions: Tensor,
+        ctx: DraftKVCache | TTTState,
+        with_logits: bool = True,
     ) -> tuple[Tensor, Tensor]:
         hidden = hidden.to(self.dtype)
         if hidden.shape[-1] != self.cfg.hidden_size or hidden.shape[:2] != input_ids.shape:
@@ -501,7 +506,7 @@ class _Draft(nn.Module):
             rope.to(hidden.device)
         cos, sin = rope(hidden, positions.to(hidden.device))  # [B, S, D] each, hidden's dtype
         out = self._core(emb, hidden, cos, sin, ctx)  # [B, S, H]
-        return out, self.logits(out)
+        return out, (self.logits(out) if with_logits else None)
 
     def step(
         self, input_ids: Tensor, hidden: Tensor, positions: Tensor, cache: DraftKVCache
@@ -529,7 +534,8 @@ class _Draft(nn.Module):
         steps: int,
         alignment: Alignment = "aligned",
         checkpoint_attention: bool = False,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
+        with_logits: bool = True,
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
         """The TTT unroll; yields (hidden_out [B, T, H], logits [B, T, Vd]) for k = 0..K-1.
 
         Step k at index t reads token x[t+1+k] (0 past the end: those positions are
@@ -543,6 +549,8 @@ class _Draft(nn.Module):
             alignment: "aligned" (serving semantics) or "reference" (EAGLE-3/SpecForge).
             checkpoint_attention: recompute the attention scores of steps >= 1 in backward
                 (saves about K * B * Hq * T^2 * 6 bytes for long samples; same numbers).
+            with_logits: False yields None for logits (the loss then computes them itself,
+                under activation checkpointing).
         """
         b, t = input_ids.shape
         st = TTTState(alignment=alignment, checkpoint=checkpoint_attention)
@@ -554,7 +562,7 @@ class _Draft(nn.Module):
             if 1 + k < t:
                 tokens[:, : t - 1 - k] = input_ids[:, 1 + k :]  # x[t+1+k]
             positions = base + k if alignment == "aligned" else base
-            hidden, logits = self._forward(tokens, hidden, positions, st)
+            hidden, logits = self._forward(tokens, hidden, positions, st, with_logits)
             yield hidden, logits
 
 

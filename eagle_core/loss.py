@@ -54,6 +54,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from eagle_core.capture import TargetStates
 from eagle_core.draft import Eagle1Draft, Eagle3Draft
@@ -74,6 +75,9 @@ class TTTConfig:
     checkpoint_attention: bool = False  # long samples: recompute TTT scores in backward
     eagle1_feature_weight: float = 1.0  # EAGLE-1: weight of SmoothL1(feature) (reference: 1.0)
     eagle1_ce_weight: float = 0.1  # EAGLE-1: weight of the soft CE (reference: 0.1)
+    # recompute each step's [B, T, Vd] logits in backward instead of keeping K of them:
+    # at Vd=32k they are most of the TTT memory; costs one extra lm_head matmul per step
+    checkpoint_head: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 64:
@@ -226,6 +230,19 @@ def _check(draft: Eagle3Draft | Eagle1Draft, batch: DraftBatch, target_head: Ten
             )
 
 
+def _soft_ce(logits: Tensor, probs: Tensor, w: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted soft CE of one step; logits, probs [B, S, Vd], w [B, S] -> (loss, argmax)."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # [B, S, Vd]
+    ce = -(probs * logp).sum(-1)  # [B, S]: target of step k at t is position t+1+k
+    return (ce * w).sum() / denom, logits.detach().argmax(-1)
+
+
+def _head_loss(
+    draft: Eagle3Draft | Eagle1Draft, hidden_out: Tensor, probs: Tensor, w: Tensor, denom: Tensor
+) -> tuple[Tensor, Tensor]:
+    return _soft_ce(draft.logits(hidden_out), probs, w, denom)
+
+
 def compute_loss(
     draft: Eagle3Draft | Eagle1Draft, batch: DraftBatch, target_head: Tensor, cfg: TTTConfig
 ) -> LossOutput:
@@ -252,7 +269,12 @@ def compute_loss(
     total = hidden0.new_zeros((), dtype=torch.float32)
     out = LossOutput(loss=total, step_loss=[], step_acc=[], step_count=[])
     steps = draft.ttt_steps(
-        batch.input_ids, hidden0, cfg.steps, cfg.alignment, cfg.checkpoint_attention
+        batch.input_ids,
+        hidden0,
+        cfg.steps,
+        cfg.alignment,
+        cfg.checkpoint_attention,
+        with_logits=not cfg.checkpoint_head,
     )
     t_len = batch.input_ids.shape[1]
     for k, (hidden_out, logits) in enumerate(steps):
@@ -268,9 +290,15 @@ def compute_loss(
         w = w[:, :span]  # [B, span]
         n = w.sum()
         denom = n.clamp(min=1.0)
-        logp = F.log_softmax(logits[:, :span].float(), dim=-1)  # [B, span, Vd]
-        ce = -(probs[:, 1 + k :] * logp).sum(-1)  # [B, span]: target of step k at t is t+1+k
-        loss_k = (ce * w).sum() / denom
+        if cfg.checkpoint_head:
+            # keep only hidden_out [B, T, H] for backward; the [B, T, Vd] logits and
+            # log-softmax of every step are recomputed there (they dominate TTT memory)
+            loss_k, draft_argmax = checkpoint(
+                _head_loss, draft, hidden_out[:, :span], probs[:, 1 + k :], w, denom,
+                use_reentrant=False,
+            )  # fmt: skip
+        else:
+            loss_k, draft_argmax = _soft_ce(logits[:, :span], probs[:, 1 + k :], w, denom)
         if is_eagle1:
             target_feat = batch.last_hidden[:, 1 + k :].float()  # [B, span, H]
             sl1 = F.smooth_l1_loss(hidden_out[:, :span].float(), target_feat, reduction="none")
@@ -279,7 +307,7 @@ def compute_loss(
             loss_k = cfg.eagle1_feature_weight * feat_k + cfg.eagle1_ce_weight * loss_k
         total = total + (cfg.decay**k) * loss_k
         with torch.no_grad():
-            hit = (logits[:, :span].argmax(-1) == t_argmax[:, 1 + k :]).float()
+            hit = (draft_argmax == t_argmax[:, 1 + k :]).float()
             out.step_acc.append(float((hit * w).sum() / denom))
         out.step_loss.append(float(loss_k.detach()))
         out.step_count.append(int(n.item()))

@@ -325,3 +325,30 @@ def test_checkpointed_attention_gives_the_same_loss_and_grads(target, alignment:
         results.append((out.loss.detach(), draft.midlayer.self_attn.q_proj.weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "eagle1"])
+def test_checkpoint_head_same_loss_accuracy_and_grads(target, kind: str) -> None:
+    """Recomputing each step's logits in backward changes memory, not numbers."""
+    if kind == "eagle3":
+        cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=40)
+        vmap = _vocab_map(40)
+    else:
+        cfg = DraftConfig.from_target_config(target.config, kind="eagle1")
+        vmap = None
+    torch.manual_seed(2)
+    draft = build_draft(cfg, target, vocab_map=vmap)
+    batch = _batch(target, kind)
+    head = target_head_weight(target)
+    results = []
+    for ckpt in (False, True):
+        draft.zero_grad()
+        out = compute_loss(draft, batch, head, TTTConfig(steps=3, checkpoint_head=ckpt))
+        out.loss.backward()
+        grads = [p.grad.clone() for p in draft.parameters() if p.grad is not None]
+        results.append((out.loss.detach(), out.step_acc, grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    assert len(results[0][2]) == len(results[1][2]) > 0
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        torch.testing.assert_close(a, b)
