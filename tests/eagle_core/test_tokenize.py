@@ -108,6 +108,7 @@ def test_every_sample_masks_exactly_answers_and_middles(
     assert c["masked_tokens"] == sum(sum(s["loss_mask"]) for s in got.values())
     meta = store.manifest("tokenize", ref.key).meta
     assert meta["fim_family"] == family and meta["vocab_size"] == len(tok)
+    assert meta["chat_turns_without_eot"] == 0 and meta["chat_mask"] == "offsets"
     assert sum(meta["length_hist"].values()) == 8 and meta["fim_layout"] == {order: 6}
 
 
