@@ -253,3 +253,44 @@ def test_bad_arguments() -> None:
         speculative_generate(target, draft, ids, 4, mode="tree", temperature=0.7)
     with pytest.raises(ConfigError, match="one"):
         speculative_generate(target, draft, torch.ones(2, 3, dtype=torch.long), 4)
+
+
+@pytest.mark.slow
+def test_drafting_inside_generation_matches_the_ttt_unroll(small, trained_draft) -> None:
+    """The draft calls speculative_generate makes (recorded, not replaced) give the logits
+    the TTT training unroll gives for the same tokens: step 0 at every verified index, and
+    chain step k rooted at r = n-1 while its proposals equal the greedy continuation."""
+    target, tok = small
+    draft = trained_draft
+    p = _prompts(tok, ["def add(a, b):\n"])[0]
+    n = p.shape[1]
+    steps = 4
+    x = torch.tensor([p[0].tolist() + greedy_generate(target, p, steps + 2)])  # [1, n+K+2]
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real_step = draft.step
+
+    def recording_step(ids, hidden, positions, cache):  # type: ignore[no-untyped-def]
+        h, logits = real_step(ids, hidden, positions, cache)
+        calls.append((ids.clone(), positions.clone(), logits.detach().clone()))
+        return h, logits
+
+    draft.step = recording_step
+    try:
+        speculative_generate(target, draft, p, 1 + steps, steps=steps)
+    finally:
+        del draft.step
+    states = capture_states(target, x, layer_ids=draft.cfg.aux_layer_ids)
+    with torch.no_grad():
+        ttt = [lg for _h, lg in draft.ttt_steps(x, draft.init_hidden(states), steps)]
+    ids0, pos0, logits0 = calls[0]  # the extend over the prompt: entries t = 0..n-1
+    assert torch.equal(ids0, x[:, 1 : n + 1]) and torch.equal(pos0[0], torch.arange(n))
+    torch.testing.assert_close(logits0, ttt[0][:, :n], rtol=1e-4, atol=1e-5)
+    compared = 0
+    for k in range(1, steps):
+        ids_k, pos_k, logits_k = calls[k]  # chain step k rooted at r = n-1
+        assert pos_k.item() == n - 1 + k
+        if not torch.equal(ids_k[0], x[0, n + k : n + k + 1]):
+            break  # the chain left the greedy path: training has no matching step
+        torch.testing.assert_close(logits_k[:, 0], ttt[k][:, n - 1], rtol=1e-4, atol=1e-5)
+        compared += 1
+    assert compared >= 2, "the trained draft's chain should follow greedy for a few steps"
