@@ -186,7 +186,9 @@ def launch_training(
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # a launcher sets each process's rank and rendezvous; never inherit this process's own
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes share the cores
     env["PYTHONUNBUFFERED"] = "1"  # lines arrive as they are written
     return env  # TORCH_EXTENSIONS_DIR (the shm op cache) passes through unchanged

@@ -480,12 +480,20 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            deepspeed.init_distributed(dist_backend=backend)  # env:// from the launcher
+        else:
+            # alone: a private 1-rank group on a free port. The environment is left as it is,
+            # so processes started from this one do not inherit a rank or a busy port.
+            os.environ.setdefault("LOCAL_RANK", "0")
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -787,13 +795,13 @@ def train_main(
     import deepspeed
 
     store = ArtifactStore(cfg.store)
-    rank, world, local_rank = init_distributed()
-    device = _device(local_rank)
     inputs = resolve_inputs(store, cfg)
     key = train_key(store, cfg, inputs)
-    if store.is_done(STAGE, key) and not force:
+    if store.is_done(STAGE, key) and not force:  # every rank sees it: all return at once
         log.info("train %s: cached", key)
         return store.ref(STAGE, key)
+    rank, world, local_rank = init_distributed()
+    device = _device(local_rank)
     ds_config = build_deepspeed_config(cfg, world)
     run_dir = run_directory(store, key)
     if rank == 0:
@@ -1169,8 +1177,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RankFormatter(rank))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    if not root.handlers:  # a plain process (launcher child); leave an embedding app's alone
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    was_initialized = dist.is_initialized()
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -1188,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("FAILED")
         return 1
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not was_initialized:
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
     if ref is not None and rank == 0:
