@@ -143,6 +143,8 @@ def greedy_generate(
     Returns the new tokens, truncated at max_new_tokens / right after the first EOS.
     """
     ids = _check_prompt(input_ids).to(_device(target))
+    if max_new_tokens <= 0:
+        return []
     eos = _eos_set(eos_token_id)
     cache = DynamicCache()
     n = ids.shape[1]

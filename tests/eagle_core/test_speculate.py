@@ -168,6 +168,8 @@ def test_eos_and_max_new_tokens_match_greedy(small) -> None:
         got = speculative_generate(target, draft, p, 20, mode=mode, eos_token_id=[eos])
         assert got.tokens == want
         assert speculative_generate(target, draft, p, 3, mode=mode).tokens == full[:3]
+        assert speculative_generate(target, draft, p, 0, mode=mode).tokens == []
+    assert greedy_generate(target, p, 0) == []
 
 
 @pytest.mark.slow
