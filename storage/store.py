@@ -52,7 +52,8 @@ ENV_S3_ENDPOINT = "EAGLE_PIPELINE_S3_ENDPOINT"  # for MinIO / moto; credentials 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _HASH_CHUNK = 1 << 20
 # errors a retry cannot fix: no space, quota, read-only fs, name too long
-_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
+# EFBIG: a file-size limit (ulimit -f, a filesystem's maximum file size) does not lift by retrying
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG}
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 _TMP_PREFIX = ".tmp-"
 UPLOAD_STAGING_DIR = "eagle-pipeline-upload"  # under the system temp dir, for remote roots
@@ -423,6 +424,8 @@ class ArtifactStore:
         reason = type(exc).__name__
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             reason = "disk full"
+        elif isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            reason = "file size limit exceeded"
         elif isinstance(exc, OSError) and exc.errno == errno.EROFS:
             reason = "read-only file system"
         elif isinstance(exc, PermissionError):
@@ -541,7 +544,13 @@ class ArtifactWriter:
         fd, tmp = self._mkstemp(suffix="-" + name.replace("/", "_"))
         os.close(fd)
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as exc:  # disk full / file-size limit while writing the temp file
+                if exc.errno in _PERMANENT_ERRNOS:
+                    dest = self.store.path(self.stage, self.key, name)
+                    raise self.store._io_error(f"{dest} (via {tmp})", exc) from exc
+                raise
             size, sha = _sha256_file(tmp)
             self.store._put(tmp, self.store.path(self.stage, self.key, name))
         finally:
@@ -574,10 +583,13 @@ class ArtifactWriter:
 
     def _put_bytes(self, name: str, data: bytes) -> None:
         fd, tmp = self._mkstemp()
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
         try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
             self.store._put(tmp, self.store.path(self.stage, self.key, name))
+        except OSError as exc:
+            self.store._wrap_permanent(f"{self.store.path(self.stage, self.key, name)}", exc)
+            raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
