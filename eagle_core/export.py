@@ -156,6 +156,9 @@ def expected_layout(
     elif fmt == "eagle1":
         keys = {"fc.weight": (h, 2 * h), "fc.bias": (h,)}
         keys.update(_layer_keys("layers.0", draft_cfg, h))
+        # the reference EAGLE-1 layer 0 has no input norm (cnets.py skips it for index 0) and
+        # vLLM replaces it by an Identity: a stray weight there is an unexpected key to it
+        del keys["layers.0.input_layernorm.weight"]
     else:
         raise ConfigError(f"unknown export format {fmt!r}", fix="use eagle3, speculators, eagle1")
     if include_embeddings:
@@ -775,10 +778,11 @@ def load_exported_draft(
 
 
 def _from_target(key: str, kind: str) -> bool:
-    """Tensors that the export leaves out because the engine takes them from the target."""
+    """Tensors the export leaves out: the engine takes them from the target, or (EAGLE-1
+    layer 0 input norm) the draft never uses them (it stays at its frozen ones)."""
     if key == "embed_tokens.weight" or key.endswith("rotary_emb.inv_freq"):
         return True
-    return kind == "eagle1" and key == "lm_head.weight"
+    return kind == "eagle1" and key in ("lm_head.weight", "layers.0.input_layernorm.weight")
 
 
 def _cast_floating(module: nn.Module, dtype: torch.dtype) -> None:

@@ -168,8 +168,7 @@ def test_eagle1_layout(tmp_path) -> None:
     cfg = ExportConfig(format="eagle1", dtype="float32")
     export_state_dict(draft.state_dict(), draft.cfg, target.config, cfg, str(tmp_path))
     config, tensors = _read(str(tmp_path))
-    layer = {
-        "input_layernorm.weight": [H],
+    layer = {  # no input_layernorm: the reference EAGLE-1 layer 0 has none
         "post_attention_layernorm.weight": [H],
         "self_attn.q_proj.weight": [64, H],
         "self_attn.k_proj.weight": [32, H],
