@@ -685,6 +685,7 @@ class _StepStats:
     samples: int = 0
     hits: list[float] = field(default_factory=list)
     counts: list[float] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
 
     def add(self, out: Any, batch: CollatedBatch) -> None:
         k = len(out.step_acc)
@@ -694,6 +695,7 @@ class _StepStats:
         self.micro += 1
         self.tokens += batch.num_tokens
         self.samples += len(batch.sample_ids)
+        self.sample_ids.extend(batch.sample_ids)
         for i in range(k):
             self.hits[i] += out.step_acc[i] * out.step_count[i]
             self.counts[i] += out.step_count[i]
@@ -713,6 +715,23 @@ class _StepStats:
             "step_acc": [hi / ci if ci else 0.0 for hi, ci in zip(h, c, strict=True)],
             "step_count": [int(ci) for ci in c],
         }
+
+
+def _grad_norm(engine: Any) -> float | None:
+    """The global gradient norm of the last optimizer step (before clipping), if known."""
+    gn = engine.get_global_grad_norm()
+    if gn is None:
+        return None
+    return float(gn.item() if isinstance(gn, Tensor) else gn)
+
+
+def _param_grad_norm(engine: Any) -> float | None:
+    """Global grad norm from the parameters' .grad (ZeRO-0 with torch AdamW keeps them there;
+    DeepSpeed then clips without reporting the norm). None when grads live elsewhere."""
+    grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+    if not grads or engine.zero_optimization_stage() != 0:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
 
 
 class PeerFailure(TrainingError):
@@ -923,8 +942,20 @@ def train_main(
                     out = _loss_output(engine(to_draft_batch(mb, setup, cfg, device, dtype)))
                     _check_finite(out, mb, state.step, device)
                     engine.backward(out.loss)
+                    own_norm = None
+                    if a == cfg.grad_accum - 1:
+                        own_norm = _param_grad_norm(engine)  # grads are all-reduced by now
                     engine.step()
                     stats.add(out, mb)
+                grad_norm = _grad_norm(engine)
+                grad_norm = own_norm if grad_norm is None else grad_norm
+                if grad_norm is not None and not math.isfinite(grad_norm):
+                    raise TrainingError(
+                        f"non-finite gradient norm {grad_norm} at step {state.step + 1} "
+                        f"(samples of this rank: {stats.sample_ids})",
+                        fix="lower train.lr or use precision='fp32'; the last complete "
+                        "checkpoint is kept and a rerun resumes from it",
+                    )
                 res = stats.reduce(device, cfg.ttt_steps)
                 dt = time.perf_counter() - t0
                 state.step += 1
@@ -947,6 +978,7 @@ def train_main(
                             "loss": res["loss"],
                             "lr": lr,
                             "step_acc": res["step_acc"],
+                            "grad_norm": grad_norm,
                             "tokens_per_s": res["tokens"] / dt,
                             "tokens": res["tokens"],
                             "samples": res["samples"],
