@@ -745,11 +745,16 @@ def load_exported_draft(
     if d.get("target_num_layers") is None:
         d["target_num_layers"] = target_model.config.num_hidden_layers
     draft_cfg = DraftConfig.from_dict(d)
-    draft = build_draft(draft_cfg, target_model=target_model)
     state = {}
     with safe_open(w_path, framework="pt") as fh:
         for k in fh.keys():  # noqa: SIM118
             state[_unrename(k, fmt)] = fh.get_tensor(k)
+    vocab_map = None
+    if "d2t" in state and "t2d" in state:
+        from eagle_core.vocab import VocabMap
+
+        vocab_map = VocabMap(d2t=state["d2t"], t2d=state["t2d"])  # validated on construction
+    draft = build_draft(draft_cfg, target_model=target_model, vocab_map=vocab_map)
     own = draft.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
