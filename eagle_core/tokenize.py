@@ -141,19 +141,11 @@ class TokenizeConfig:
 
 
 def load_tokenizer(ref: str) -> Any:
-    """A fast transformers tokenizer from a dir, Hub name or demo-target artifact URL."""
-    from transformers import AutoTokenizer
+    """The target's tokenizer (eagle_core.models.load_tokenizer), refused unless fast:
+    offsets and batch speed need the Rust tokenizer."""
+    from eagle_core.models import load_tokenizer as load_any_tokenizer
 
-    from eagle_core.models import resolve_model_dir
-
-    path = resolve_model_dir(ref, sub="tokenizer")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"tokenizer {ref!r} could not be loaded ({type(exc).__name__}: {exc})",
-            fix="pass a directory with tokenizer.json, a Hub name, or a demo-target URL",
-        ) from exc
+    tok = load_any_tokenizer(ref)
     if not getattr(tok, "is_fast", False):
         raise ConfigError(
             f"tokenizer {ref!r} is not a fast (Rust) tokenizer",
