@@ -254,6 +254,9 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(
         500, ge=0, description="Steps between resumable checkpoints (0: only at the end)"
     )
+    log_every: int = Field(
+        10, ge=1, description="Steps between metrics records (points of the training curves)"
+    )
     seed: int = Field(0, ge=0, description="Seed of draft init and data order")
 
     def train_config(
@@ -282,6 +285,7 @@ class TrainParams(_Section):
             zero_stage=self.zero_stage,
             precision=precision,
             checkpoint_every=self.checkpoint_every,
+            log_every=self.log_every,
             seed=self.seed,
         )
 
@@ -363,6 +367,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "nproc": 1,
         "launcher": "inline",  # no launcher start-up (~1 min on 2 busy cores)
+        "log_every": 1,  # a training curve with a point per step, not one point
     },
     "evaluate": {"max_prompts": 2, "max_new_tokens": 16, "steps": 3},
 }
