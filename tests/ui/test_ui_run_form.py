@@ -269,6 +269,11 @@ def run_name_input(page: Any) -> Any:
     ).first
 
 
+def scroll_to_top(page: Any, locator: Any) -> None:
+    locator.evaluate("el => el.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(300)  # let the scroll settle before a screenshot
+
+
 def open_form(page: Any, ui: UIServer) -> None:
     page.goto(ui.form_url)
     prop(page, "storage").wait_for(timeout=90_000)  # the form renders from the schema
@@ -423,8 +428,10 @@ def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_p
     root_input = prop(prop(page, "storage"), "Root").locator("textarea")
     root_input.fill(str(root))
     SHOTS.mkdir(parents=True, exist_ok=True)
-    prop(page, "quick").scroll_into_view_if_needed()
+    scroll_to_top(page, prop(page, "train"))  # the README's picture of the form
     page.screenshot(path=str(SHOTS / "form.png"))
+    scroll_to_top(page, prop(page, "quick"))
+    page.screenshot(path=str(SHOTS / "form-quick.png"))
     submit(page)
     expect(page).to_have_url(re.compile(r"\?tab=Runs"), timeout=60_000)
 
@@ -435,7 +442,7 @@ def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_p
     assert params["quick"] is True and params["storage"]["root"] == str(root), params
 
     # 4. the served deployment runs it to completion
-    run = wait_for_run(ui_server, run_id)
+    wait_for_run(ui_server, run_id)
     result_logs = [m for _, m in run_logs(ui_server, run_id)]
     for stage in ("download", "tokenize", "scan_vocab", "extract_hidden", "train", "export"):
         assert any(m.startswith(f"{stage} ") and ": computed in" in m for m in result_logs), (
@@ -457,10 +464,34 @@ def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_p
     # ... and its page shows the evaluation (tau) and the training-curve image
     page.goto(f"{ui_server.base_url}/runs/flow-run/{run_id}")
     expect(page.get_by_text(name).first).to_be_visible(timeout=60_000)
-    expect(page.get_by_text("Completed").first).to_be_visible()
-    page.get_by_role("tab", name="Artifacts").click()
-    expect(page.get_by_text("evaluate-summary").first).to_be_visible()
-    expect(page.get_by_text(f"tau = {tau.group(1)}").first).to_be_visible()
-    expect(page.get_by_text("train-curves").first).to_be_visible()
+    expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+    open_artifacts_tab(page)
+    report = page.locator(".artifact-card", has_text="evaluate-report")
+    expect(report).to_be_visible()
+    expect(report).to_contain_text(f"tau = {tau.group(1)}")
+    expect(page.locator(".artifact-card", has_text="evaluate-summary")).to_be_visible()
+    expect(page.locator(".artifact-card", has_text="train-curves")).to_be_visible()
     page.screenshot(path=str(SHOTS / "run.png"))
-    assert run["state_type"] == "COMPLETED"
+
+    page.locator(".artifact-card", has_text="evaluate-summary").click()  # the evaluation table
+    expect(page).to_have_url(re.compile(r"/artifacts/artifact/"))
+    tau_row = page.locator("tr").filter(has=page.locator("td", has_text=re.compile(r"^tau$")))
+    expect(tau_row).to_contain_text(tau.group(1))
+    page.screenshot(path=str(SHOTS / "run-evaluation.png"))
+
+    page.go_back()
+    open_artifacts_tab(page)
+    page.locator(".artifact-card", has_text="train-curves").click()
+    curve = page.locator("img[alt='training loss']")
+    expect(curve).to_be_visible()
+    width = curve.evaluate("img => img.complete ? img.naturalWidth : 0")
+    assert width > 100, f"the training-curve image did not render (naturalWidth {width})"
+    page.screenshot(path=str(SHOTS / "run-curves.png"))
+
+
+def open_artifacts_tab(page: Any) -> None:
+    """The run page's Artifacts tab (Prefect's tabs are list items, not ARIA tabs)."""
+    from playwright.sync_api import expect
+
+    page.locator("li.p-tab", has_text="Artifacts").click()
+    expect(page.locator(".artifact-card").first).to_be_visible()
