@@ -587,8 +587,10 @@ def evaluate(
     prompts: Sequence[EvalPrompt] | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    train_ref: StageRef | None = None,
 ) -> StageRef:
-    """The evaluate stage: `<root>/evaluate/<key>/{report.json, report.md, acceptance.png}`.
+    """The evaluate stage: `<root>/evaluate/<key>/{report.json, report.md, acceptance.png}`,
+    plus `consistency.{json,md}` (eagle_core/consistency.py) when `train_ref` is given.
 
     Args:
         store: the artifact store.
@@ -598,8 +600,11 @@ def evaluate(
             They are part of the cache key.
         force: recompute even if a finished artifact exists.
         progress: called with (prompts done, prompts total).
+        train_ref: the training run the export was made from: its held-out per-step
+            accuracy is compared with the measured acceptance (part of the key when given).
 
     Raises:
+        ConfigError: `train_ref` is not the run the export was made from.
         ModelMismatchError: the draft does not fit the target.
         DataError: no usable prompt.
     """
@@ -608,11 +613,21 @@ def evaluate(
 
     extra = [dataclasses.asdict(p) for p in prompts] if prompts is not None else None
     params: Any = cfg if extra is None else {"cfg": cfg, "prompts": extra}
-    key = store.key(STAGE, params, inputs=[export_ref], code=CODE_VERSION)
+    inputs = [export_ref] if train_ref is None else [export_ref, train_ref]
+    key = store.key(STAGE, params, inputs=inputs, code=CODE_VERSION)
     if store.is_done(STAGE, key) and not force:
         log.info("evaluate %s: cached", key)
         return store.ref(STAGE, key)
-    meta = store.manifest(export_ref.stage, export_ref.key).meta
+    export_manifest = store.manifest(export_ref.stage, export_ref.key)
+    if train_ref is not None:
+        made_from = [i.get("key") for i in export_manifest.inputs if i.get("stage") == "train"]
+        if made_from and train_ref.key not in made_from:
+            raise ConfigError(
+                f"evaluate: train_ref {train_ref.url} is not the run export {export_ref.url} "
+                f"was made from (train key {made_from[0]})",
+                fix="pass the train artifact the export was made from, or no train_ref",
+            )
+    meta = export_manifest.meta
     target_name = cfg.target or str(meta.get("target") or "")
     if not target_name:
         raise ConfigError(
@@ -633,9 +648,21 @@ def evaluate(
         report.update(target=target_name, draft=export_ref.url, skipped_prompts=skipped)
         png = os.path.join(tmp, "acceptance.png")
         plot_acceptance(report, png)
-        with store.publish(STAGE, key, params=params, inputs=[export_ref], force=force) as w:
+        consistency = None
+        if train_ref is not None:
+            from eagle_core.consistency import consistency_for
+
+            consistency = consistency_for(store, train_ref, report, store.url(STAGE, key))
+        with store.publish(STAGE, key, params=params, inputs=inputs, force=force) as w:
             w.write_json("report.json", report)
             w.write_bytes("report.md", report_markdown(report).encode())
+            if consistency is not None:
+                w.write_bytes("consistency.json", consistency.to_json().encode())
+                w.write_bytes("consistency.md", consistency.to_markdown().encode())
+                w.meta.update(
+                    tau_predicted={k.kind: k.tau_predicted for k in consistency.kinds},
+                    train=train_ref.url,
+                )
             with open(png, "rb") as fh:
                 w.write_bytes("acceptance.png", fh.read())
             a = report["all"]
