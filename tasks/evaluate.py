@@ -26,7 +26,11 @@ if TYPE_CHECKING:
     timeout_seconds=12 * 3600,
 )
 def evaluate(
-    export_ref: StageRef, cfg: EvalConfig, store_url: str, force: bool = False
+    export_ref: StageRef,
+    cfg: EvalConfig,
+    store_url: str,
+    force: bool = False,
+    train: StageRef | None = None,
 ) -> StageRef:
     """Draft with the exported model, verify with the target; record tau and acceptance.
 
@@ -35,16 +39,43 @@ def evaluate(
         cfg: `eagle_core.evaluate.EvalConfig`.
         store_url: artifact root.
         force: recompute even if the artifact exists.
+        train: the training run the export was made from: the artifact then holds the
+            consistency report (training accuracy vs measured acceptance), also shown in
+            the UI as the `consistency-report` artifact.
     """
     from eagle_core.evaluate import evaluate as run
 
     log, store, started = get_run_logger(), ArtifactStore(store_url), time.time()
     progress = ui.progress_callback("evaluate", f"speculative decoding with {export_ref.url}")
-    ref = run(store, export_ref, cfg, force=force, progress=progress)
+    ref = run(store, export_ref, cfg, force=force, progress=progress, train_ref=train)
     ui.report_outcome(log, store, ref, started)
     log.info("evaluate: acceptance length tau = %s", tau_of(ref))
     _tables(store, ref, export_ref)
+    if train is not None:
+        _consistency(log, store, ref, train)
     return ref
+
+
+def _consistency(log: Any, store: ArtifactStore, ref: StageRef, train: StageRef) -> None:
+    """Log τ predicted from training accuracy vs τ measured; the report as a UI artifact."""
+    from eagle_core.consistency import CONSISTENCY_JSON, CONSISTENCY_MD
+
+    doc = store.read_json(ref, CONSISTENCY_JSON)
+    fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)  # noqa: E731
+    for k in doc["kinds"]:
+        log.info(
+            "consistency [%s]: tau predicted from training accuracy %s, measured %s (gap %s)",
+            k["kind"],
+            fmt(k["tau_predicted"]),
+            fmt(k["tau_measured"]),
+            fmt(k["tau_gap"], "+.3f"),
+        )
+    ui.markdown(
+        "consistency",
+        "report",
+        store.read_bytes(ref, CONSISTENCY_MD).decode(),
+        description=f"training accuracy of {train.url} vs acceptance measured by {ref.url}",
+    )
 
 
 def tau_of(ref: StageRef) -> float | None:
