@@ -650,15 +650,15 @@ def evaluate(
         plot_acceptance(report, png)
         consistency = None
         if train_ref is not None:
-            from eagle_core.consistency import consistency_for
+            from eagle_core.consistency import CONSISTENCY_JSON, CONSISTENCY_MD, consistency_for
 
             consistency = consistency_for(store, train_ref, report, store.url(STAGE, key))
         with store.publish(STAGE, key, params=params, inputs=inputs, force=force) as w:
             w.write_json("report.json", report)
             w.write_bytes("report.md", report_markdown(report).encode())
             if consistency is not None:
-                w.write_bytes("consistency.json", consistency.to_json().encode())
-                w.write_bytes("consistency.md", consistency.to_markdown().encode())
+                w.write_bytes(CONSISTENCY_JSON, consistency.to_json().encode())
+                w.write_bytes(CONSISTENCY_MD, consistency.to_markdown().encode())
                 w.meta.update(
                     tau_predicted={k.kind: k.tau_predicted for k in consistency.kinds},
                     train=train_ref.url,
