@@ -231,6 +231,7 @@ def release_dag(
         ),
         store_url,
         force="evaluate" in force,
+        train=trained,
     )
     return exported, evaluated
 
