@@ -256,18 +256,9 @@ def _cmd_run(ns: argparse.Namespace) -> str:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> str:
-    from flows.params import DEMO, PipelineParams, TrainParams
+    from flows.params import demo_params
 
-    # the full demo trains with DeepSpeed on 2 processes (the issue's `make demo`)
-    train = TrainParams() if ns.quick else TrainParams(nproc=2)
-    params = PipelineParams(
-        target=DEMO,
-        quick=ns.quick,
-        train=train,
-        storage={"root": ns.store or ""},
-        force=ns.force or [],
-    )
-    return _run_flow(params)
+    return _run_flow(demo_params(quick=ns.quick, store=ns.store or "", force=ns.force))
 
 
 def _cmd_ui(ns: argparse.Namespace) -> str:

@@ -453,6 +453,39 @@ def load_pipeline_yaml(path: str) -> PipelineParams:
     return PipelineParams.model_validate(doc)
 
 
+# `eagle-pipeline demo` (= `make demo`): the real pipeline on the demo target within ~30 min on
+# 2 CPU cores: DeepSpeed on 2 processes, a draft vocab that fits the 8k demo vocab.
+DEMO_RUN: dict[str, Any] = {
+    "data": {"max_samples": 1500},
+    "tokenize": {"max_length": 512},
+    "vocab": {"draft_vocab_size": 2048},
+    "extract": {"batch_size": 16},
+    "train": {
+        "nproc": 2,
+        "launcher": "deepspeed",
+        "steps": 400,
+        "batch_size": 4,
+        "lr": 1e-3,  # a small draft trained briefly takes a large rate
+        "checkpoint_every": 100,
+    },
+    "evaluate": {"max_prompts": 16, "max_new_tokens": 64},
+}
+
+
+def demo_params(*, quick: bool, store: str = "", force: list[str] | None = None) -> PipelineParams:
+    """The parameters `eagle-pipeline demo [--quick]` runs: the demo target and its data."""
+    sections = {} if quick else DEMO_RUN
+    return PipelineParams.model_validate(
+        {
+            "target": DEMO,
+            "quick": quick,
+            "storage": {"root": store},
+            "force": force or [],
+            **sections,
+        }
+    )
+
+
 # The demo target's quick preset: an 8-layer H=64 Llama on a few stdlib modules, trained for a
 # few seconds. Real enough for the whole DAG, small enough for the integration tests.
 QUICK_DEMO_TARGET: dict[str, Any] = {
