@@ -100,18 +100,29 @@ def _clean_env(prefect_home: Path) -> dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C the command's process group (it stops serve and its server), then harder."""
-    for sig, wait_s in ((signal.SIGINT, 15), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+    """Ctrl-C `eagle-pipeline ui` (serve returns, then it stops its server), then SIGTERM and
+    SIGKILL to its whole process group; finally nothing of that group is left running."""
+    steps = ((signal.SIGINT, False, 30), (signal.SIGTERM, True, 30), (signal.SIGKILL, True, 10))
+    for sig, group, wait_s in steps:
         if proc.poll() is not None:
-            return
+            break
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
+    try:  # stragglers of the group (a flow-run process, a server that outlived its parent)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _child_setup() -> None:
+    """A background shell starts jobs with SIGINT ignored; Ctrl-C must reach `serve`."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +139,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIServer]:
             stdout=subprocess.PIPE,
             stderr=log,
             start_new_session=True,  # its own process group: teardown stops server + runs
+            preexec_fn=_child_setup,
         )
     try:
         form_url = _read_url(proc, log_path)
@@ -269,6 +281,18 @@ def run_name_input(page: Any) -> Any:
     ).first
 
 
+def screenshot(page: Any, name: str) -> None:
+    """Save the viewport to benchmarks/results/ui/<name> as a small palette PNG (~3x smaller
+    than the browser's; the README shows them)."""
+    import io
+
+    from PIL import Image
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    img = Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(colors=128)
+    img.save(SHOTS / name, optimize=True)
+
+
 def scroll_to_top(page: Any, locator: Any) -> None:
     locator.evaluate("el => el.scrollIntoView({block: 'start'})")
     page.wait_for_timeout(300)  # let the scroll settle before a screenshot
@@ -306,7 +330,7 @@ def submit(page: Any) -> None:
     page.get_by_role("button", name="Submit", exact=True).click()
 
 
-def test_run_form_sections_descriptions_selects_and_limits(ui_server: UIServer, page: Any) -> None:
+def test_run_form_sections_descriptions_selects_and_limits(page: Any, ui_server: UIServer) -> None:
     from playwright.sync_api import expect
 
     open_form(page, ui_server)
@@ -414,7 +438,7 @@ def run_logs(ui: UIServer, run_id: str) -> list[tuple[str, str]]:
         offset += len(batch)
 
 
-def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_path: Path) -> None:
+def test_quick_run_submitted_from_the_form(page: Any, ui_server: UIServer, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     # 3. the quick preset on a fresh artifact root, from the form
@@ -427,11 +451,10 @@ def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_p
     expect(quick).to_have_attribute("aria-checked", "true")
     root_input = prop(prop(page, "storage"), "Root").locator("textarea")
     root_input.fill(str(root))
-    SHOTS.mkdir(parents=True, exist_ok=True)
     scroll_to_top(page, prop(page, "train"))  # the README's picture of the form
-    page.screenshot(path=str(SHOTS / "form.png"))
+    screenshot(page, "form.png")
     scroll_to_top(page, prop(page, "quick"))
-    page.screenshot(path=str(SHOTS / "form-quick.png"))
+    screenshot(page, "form-quick.png")
     submit(page)
     expect(page).to_have_url(re.compile(r"\?tab=Runs"), timeout=60_000)
 
@@ -471,13 +494,13 @@ def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_p
     expect(report).to_contain_text(f"tau = {tau.group(1)}")
     expect(page.locator(".artifact-card", has_text="evaluate-summary")).to_be_visible()
     expect(page.locator(".artifact-card", has_text="train-curves")).to_be_visible()
-    page.screenshot(path=str(SHOTS / "run.png"))
+    screenshot(page, "run.png")
 
     page.locator(".artifact-card", has_text="evaluate-summary").click()  # the evaluation table
     expect(page).to_have_url(re.compile(r"/artifacts/artifact/"))
     tau_row = page.locator("tr").filter(has=page.locator("td", has_text=re.compile(r"^tau$")))
     expect(tau_row).to_contain_text(tau.group(1))
-    page.screenshot(path=str(SHOTS / "run-evaluation.png"))
+    screenshot(page, "run-evaluation.png")
 
     page.go_back()
     open_artifacts_tab(page)
@@ -486,7 +509,7 @@ def test_quick_run_submitted_from_the_form(ui_server: UIServer, page: Any, tmp_p
     expect(curve).to_be_visible()
     width = curve.evaluate("img => img.complete ? img.naturalWidth : 0")
     assert width > 100, f"the training-curve image did not render (naturalWidth {width})"
-    page.screenshot(path=str(SHOTS / "run-curves.png"))
+    screenshot(page, "run-curves.png")
 
 
 def open_artifacts_tab(page: Any) -> None:
