@@ -231,6 +231,11 @@ def test_inline_run_lowers_the_loss_and_publishes(data: dict, tmp_path, kind: st
     assert losses[2] < losses[1] < losses[0] and losses[2] < 0.99 * losses[0], losses
     assert len(evals[-1]["step_acc"]) == 3
     assert ref.counts["steps"] == 16 and ref.counts["heldout_loss"] == evals[-1]["loss"]
+    train = [
+        r for r in read_metrics(os.path.join(ref.url, "metrics.jsonl")) if r["kind"] == "train"
+    ]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in train)
     sd = load_file(os.path.join(ref.url, FINAL_WEIGHTS))
     assert all(v.dtype == torch.float32 for k, v in sd.items() if k not in ("d2t", "t2d"))
     if kind == "eagle3":
