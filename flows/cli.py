@@ -146,8 +146,8 @@ def _cmd_scan_vocab(ns: argparse.Namespace) -> str:
     from eagle_core.vocab import scan_vocab
     from flows.params import VocabParams
 
+    cfg = _section(VocabParams, ns).vocab_config()  # parameters are checked first
     tokens = [_ref(u, "tokenize") for u in ns.tokens]
-    cfg = _section(VocabParams, ns).vocab_config()
     return scan_vocab(_store(ns), tokens, cfg, force=ns.force).url
 
 
