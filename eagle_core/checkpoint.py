@@ -18,7 +18,13 @@ Where the run directory is: on a local artifact root it is the train artifact's 
 runs are invisible to readers, and a restarted run finds its checkpoints there). On a remote
 root (s3://...) DeepSpeed still needs a local directory: the run works in a local staging
 directory, and every complete checkpoint is uploaded to `<root>/train/<key>/checkpoints/<tag>/`
-(marker last); a restart on a fresh machine downloads the latest complete one first.
+(marker last); a restart on a fresh machine downloads the latest complete one first. The
+staging directory is `$EAGLE_TRAIN_STAGING/<root hash>-<key>` (default: the system temp dir)
+and is deleted once the artifact is published.
+
+Several nodes: every rank writes its own ZeRO partition files into the run directory, so that
+directory must be on a filesystem all nodes share (a local root on shared storage, or
+EAGLE_TRAIN_STAGING on shared storage for remote roots), as DeepSpeed itself assumes.
 """
 
 from __future__ import annotations
