@@ -1,0 +1,111 @@
+"""Reference-style vs aligned training-time test (issue 12), on the demo target.
+
+Same data, steps and seed per pair; `--seeds` seeds each (issue: 3). For each draft:
+- τ (chain k=5, greedy) on held-out FIM and chat prompts (the evaluate stage);
+- the first-token acceptance rate on FIM prompts (the evaluator's position-1 acceptance:
+  how often the first drafted token of a round is accepted, over every round of the FIM
+  middles) — the reference loss mask never trains the first token of a middle;
+- τ predicted from the held-out per-step accuracy of training (as conditional acceptance
+  rates: 1 + Σ_i Π_{j<=i} a_j, k=5) and its gap to the measured τ (all prompts).
+Reference = `ttt_alignment="reference"`: loss on `loss_mask[t+k]`, shifted-diagonal TTT
+attention mask (see eagle_core/loss.py); aligned = the pipeline's default.
+
+Data and the aligned seed-0 draft are shared with `bench_quality` (same store, same keys):
+whatever it already computed is reused.
+
+Run: .venv/bin/python -m benchmarks.bench_alignment --target <demo target URL> [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+from benchmarks.bench_quality import (
+    add_common_args,
+    budget_from_args,
+    prepare,
+    resolve_target,
+    setup_logging,
+    train_and_evaluate,
+)
+from benchmarks.measure import save
+from storage import ArtifactStore
+
+METRICS = (
+    "tau_fim",
+    "tau_chat",
+    "first_token_accept_fim",
+    "tau_predicted",
+    "tau_all",
+    "tau_gap",
+    "tau_gap_fim",
+    "tau_gap_chat",
+)
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _std(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.stdev(vals) if len(vals) > 1 else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    setup_logging()
+    budget = budget_from_args(args)
+    store = ArtifactStore(args.store)
+    t0 = time.time()
+    target = resolve_target(store, args.target)
+    data = prepare(store, target, budget)
+    runs: dict[str, list[dict[str, Any]]] = {"aligned": [], "reference": []}
+    for seed in range(args.seeds):  # seed-major: a cut-short run still has both schemes
+        for scheme in ("aligned", "reference"):
+            runs[scheme].append(
+                train_and_evaluate(
+                    store,
+                    data,
+                    budget,
+                    label=f"TTT 7 steps ({scheme})",
+                    seed=seed,
+                    alignment=scheme,
+                )
+            )
+    rows = []
+    for scheme, rs in runs.items():
+        row: dict[str, Any] = {"training": scheme, "seeds": len(rs)}
+        for m in METRICS:
+            row[m] = _mean(rs, m)
+            if m in ("tau_fim", "tau_chat"):
+                row[m + "_std"] = _std(rs, m)
+        row["abs_tau_gap"] = _mean([{"g": abs(r["tau_gap"])} for r in rs if r.get("tau_gap")], "g")
+        rows.append(row)
+    a, r = rows
+    save(
+        "alignment",
+        rows,
+        command=f"python -m benchmarks.bench_alignment --seeds {args.seeds} --target {target}",
+        target_model=target,
+        budget=dataclasses.asdict(budget),
+        seeds=args.seeds,
+        runs=runs,
+        aligned_minus_reference={
+            m: (a[m] - r[m]) if a[m] is not None and r[m] is not None else None
+            for m in (*METRICS, "abs_tau_gap")
+        },
+        wall_s=time.time() - t0,
+    )
+
+
+if __name__ == "__main__":
+    main()
