@@ -49,7 +49,15 @@ def start_server(
             "--port",
             str(port),
         ],
-        env={**os.environ, **(env or {})},
+        # `--port` alone leaves the UI's API URL at its default (port 4200, or PREFECT_API_URL):
+        # the pages would then call another server ("Can't connect to Server API"). Keep this:
+        # tests/ui checks /ui-settings.
+        env={
+            **os.environ,
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_API_PORT": str(port),
+            **(env or {}),
+        },
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
