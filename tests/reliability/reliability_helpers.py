@@ -137,5 +137,5 @@ def verify_all(store: Any) -> dict[tuple[str, str], dict[str, str]]:
         stage, key = manifest_path.rstrip("/").split("/")[-3:-1]
         ref = store.ref(stage, key)
         store.verify(ref)
-        out[(stage, key)] = {f.name: f.sha256 for f in store.manifest(stage, key).files}
+        out[(stage, key)] = {n: f.sha256 for n, f in store.manifest(stage, key).files.items()}
     return out
