@@ -13,7 +13,9 @@ events only:
 - the lossless check: prompts whose speculative output equals greedy decoding token for
   token (greedy mode; sampling mode reports it as not applicable).
 
-Outputs: `report.json`, `report.md` (a markdown table) and `acceptance.png`.
+Outputs: `report.json`, `report.md` (a markdown table) and `acceptance.png`; given the
+training run (`train_ref`), also `consistency.json` / `consistency.md`: its held-out
+per-step accuracy next to this acceptance (eagle_core/consistency.py).
 """
 
 from __future__ import annotations
