@@ -57,12 +57,21 @@ class TrainAccuracy:
             batches: the run had no held-out split), or "none".
         step: the optimizer step the accuracy was measured at (None = unknown).
         samples: held-out samples it was measured on (None = unknown).
+        step_count: positions each step's accuracy was measured on, when the record has
+            them (`step_count`); a step with 0 positions has no accuracy (its 0.0 is not one).
     """
 
     step_acc: tuple[float, ...]
     source: str
     step: int | None = None
     samples: int | None = None
+    step_count: tuple[int, ...] | None = None
+
+    def usable_steps(self) -> int:
+        """Leading steps with a measured accuracy (all, unless a step had no position)."""
+        if self.step_count is None:
+            return len(self.step_acc)
+        return next((i for i, c in enumerate(self.step_count) if c <= 0), len(self.step_acc))
 
 
 @dataclass(frozen=True)
@@ -211,11 +220,18 @@ def train_accuracy(train_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]
             train_metrics = train_metrics["counts"]  # a whole manifest dict
         if "step_acc" in train_metrics:
             heldout = train_metrics.get("kind", "eval") == "eval"
+            acc = _acc_list(train_metrics["step_acc"], "metrics record step_acc")
+            counts = train_metrics.get("step_count")
+            if isinstance(counts, Sequence) and len(counts) == len(acc):
+                counts = tuple(int(c) for c in counts)
+            else:
+                counts = None
             return TrainAccuracy(
-                _acc_list(train_metrics["step_acc"], "metrics record step_acc"),
+                acc,
                 "heldout" if heldout else "train",
                 _int_or_none(train_metrics.get("step")),
                 _int_or_none(train_metrics.get("samples")) if heldout else None,
+                counts,
             )
         if train_metrics.get("heldout_step_acc") is not None:
             return TrainAccuracy(
@@ -308,8 +324,8 @@ def consistency_report(
             "evaluate report has no 'kinds' and no 'all' summary",
             fix="pass the report.json of an evaluate artifact (eagle_core/evaluate.py)",
         )
-    n_pred = min(steps, len(train.step_acc))
-    acc: list[float | None] = [*train.step_acc[:steps], *[None] * (steps - n_pred)]
+    n_pred = min(steps, train.usable_steps())
+    acc: list[float | None] = [*train.step_acc[:n_pred], *[None] * (steps - n_pred)]
     predicted: list[float | None] = [
         math.prod(train.step_acc[: k + 1]) if k < n_pred else None for k in range(steps)
     ]
@@ -385,7 +401,12 @@ def _notes(train: TrainAccuracy, steps: int, mode: str, temp: float, n_pred: int
             "the training run had no held-out split: the prediction uses training-batch "
             "accuracy, which overestimates acceptance (set train.heldout_fraction > 0)"
         )
-    if 0 < n_pred < steps:
+    if train.usable_steps() < min(steps, len(train.step_acc)):
+        notes.append(
+            f"TTT step {train.usable_steps()} (draft position {train.usable_steps() + 1}) had "
+            "no held-out position to measure: positions from there on are not predicted"
+        )
+    elif 0 < n_pred < steps:
         notes.append(
             f"training unrolled {n_pred} TTT steps, the evaluator drafted {steps}: τ predicted "
             f"covers positions 1..{n_pred} only (a lower bound); train with ttt_steps >= {steps}"
@@ -457,7 +478,14 @@ def markdown_of(report: Mapping[str, Any]) -> str:
 
 
 def _from_dict(d: Mapping[str, Any]) -> ConsistencyReport:
-    train = TrainAccuracy(**{**d["train"], "step_acc": tuple(d["train"]["step_acc"])})
+    counts = d["train"].get("step_count")
+    train = TrainAccuracy(
+        **{
+            **d["train"],
+            "step_acc": tuple(d["train"]["step_acc"]),
+            "step_count": None if counts is None else tuple(counts),
+        }
+    )
     kinds = tuple(
         KindConsistency(**{**k, "positions": tuple(PositionRow(**r) for r in k["positions"])})
         for k in d["kinds"]

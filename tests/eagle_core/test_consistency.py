@@ -95,6 +95,18 @@ def test_chain_length_decides_what_is_predicted() -> None:
     assert any("lower bound" in n and "ttt_steps >= 4" in n for n in rep.notes)
 
 
+def test_a_step_without_positions_is_not_an_accuracy() -> None:
+    rec = {"kind": "eval", "step": 3, "step_acc": [0.5, 0.0, 0.9], "step_count": [10, 0, 4]}
+    rep = consistency_report([rec], _report())
+    assert rep.predicted_positions == 1 and rep.train.step_count == (10, 0, 4)
+    assert rep.kind("all").tau_predicted == pytest.approx(1.5)
+    assert rep.kind("all").positions[1].train_acc is None
+    assert any("no held-out position" in n for n in rep.notes)
+    assert markdown_of(rep.to_dict()) == rep.to_markdown()
+    counted = consistency_report([{**rec, "step_count": [10, 5, 4]}], _report())
+    assert counted.kind("all").tau_predicted == pytest.approx(1.5)  # 0.0 accuracy, measured
+
+
 def test_train_accuracy_sources() -> None:
     assert train_accuracy(METRICS).step_acc == (0.8, 0.5)
     only_train = [r for r in METRICS if r["kind"] == "train"]
