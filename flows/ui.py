@@ -8,6 +8,7 @@ deployment's run form. Ctrl-C stops both.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -116,6 +117,8 @@ def serve_ui(port: int = 4200, store: str = "", open_browser: bool = False) -> s
     api_url = f"http://127.0.0.1:{port}/api"
     server = start_server(port)
     os.environ["PREFECT_API_URL"] = api_url
+    # serve polls the API every few seconds: one httpx INFO line each would bury the URL
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         from prefect import serve
 
