@@ -48,7 +48,7 @@ from storage import ArtifactStore, StageRef
 log = logging.getLogger(__name__)
 
 STAGE = "build_demo_target"
-CODE_VERSION = "2"  # 2: training pool capped per kind
+CODE_VERSION = "3"  # 2: training pool capped per kind; 3: no repeated FIM spans
 
 
 @dataclass(frozen=True, kw_only=True)

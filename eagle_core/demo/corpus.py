@@ -222,6 +222,7 @@ def fim_samples(
     if n_lines < 8:
         return
     made = 0
+    seen: set[tuple[int, int]] = set()  # the same span twice would repeat a sample id
     for _attempt in range(per_file * 4):
         if made >= per_file:
             break
@@ -239,8 +240,9 @@ def fim_samples(
             a = starts[li] + rng.randrange(stripped, len(line) - 2)
             b = rng.randrange(a + 1, line_end + 1)
         middle = text[a:b]
-        if not middle.strip() or len(middle) > 400:
+        if not middle.strip() or len(middle) > 400 or (a, b) in seen:
             continue
+        seen.add((a, b))
         p0 = max(0, a - max_prefix_chars)
         if p0 > 0:
             nl = text.find("\n", p0, a)

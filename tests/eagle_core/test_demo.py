@@ -102,6 +102,7 @@ def test_fim_samples_are_slices_of_the_file(sources) -> None:
     for f in sources:
         samples = list(fim_samples(f, seed=3, per_file=5))
         assert samples == list(fim_samples(f, seed=3, per_file=5))
+        assert len({s["id"] for s in samples}) == len(samples)  # ids are unique
         for s in samples:
             assert s["middle"].strip()
             assert s["prefix"] + s["middle"] + s["suffix"] in f.text
@@ -135,6 +136,9 @@ def test_data_files_disjoint_and_in_user_formats(sources) -> None:
             assert r["conversations"][-1]["from"] == "gpt"
             assert r["id"].split(":")[0] in mods[split]
     assert mods["train"] and mods["heldout"] and not mods["train"] & mods["heldout"]
+    for name, rs in rows.items():
+        if not name.startswith("files"):
+            assert len({r["id"] for r in rs}) == len(rs), name
     ids_sg = {r["id"] for r in rows["chat_sharegpt.train.jsonl"]}
     ids_oa = {r["id"] for r in rows["chat_openai.train.jsonl"]}
     assert not ids_sg & ids_oa
