@@ -42,7 +42,7 @@ from eagle_core.vocab import VocabConfig, scan_vocab  # noqa: E402
 from storage import ArtifactStore  # noqa: E402
 
 STAGES = ("download", "tokenize", "scan_vocab", "extract_hidden", "train", "export")
-KILLS = {"download": 2, "tokenize": 2, "scan_vocab": 1, "extract_hidden": 2, "train": 3,
+KILLS = {"download": 2, "tokenize": 2, "scan_vocab": 1, "extract_hidden": 2, "train": 2,
          "export": 1}  # fmt: skip
 
 
@@ -68,7 +68,7 @@ def run_pipeline(root: str, data: list[str], tok: str, target: str, upto: int, n
         return
     notify(4)
     cfg = TrainConfig(
-        store=store.root, target=target, data=(hidden.url,), vocab_map=vocab.url, steps=6,
+        store=store.root, target=target, data=(hidden.url,), vocab_map=vocab.url, steps=4,
         batch_size=2, ttt_steps=2, heldout_fraction=0.0, checkpoint_every=1, keep_checkpoints=2,
         log_every=1, seed=1,
     )  # fmt: skip

@@ -45,7 +45,7 @@ def test_sigkill_at_random_points_of_every_stage_then_rerun_equals_a_clean_run(
         "download", "tokenize", "scan_vocab", "extract_hidden", "train", "export"
     }  # fmt: skip
     killed = [p for p in points if p["killed"]]
-    assert len(killed) >= 8, points  # (a kill may come after a very short stage finished)
+    assert len(killed) >= 7, points  # (a kill may come after a very short stage finished)
     assert any(not p["published_before_kill"] for p in killed)
 
     clean, rerun = res["clean"], res["killed"]
@@ -285,7 +285,7 @@ def test_crash_on_one_rank_is_reported_with_its_lines_and_the_rerun_resumes(
     hidden = extract_hidden(store, tokens, ExtractConfig(target=small_target_dir, batch_size=8))
     cfg = TrainConfig(
         store=store.root, target=small_target_dir, data=(hidden.url,), vocab_map=vocab.url,
-        steps=4, batch_size=1, ttt_steps=2, heldout_fraction=0.0, checkpoint_every=1,
+        steps=3, batch_size=1, ttt_steps=2, heldout_fraction=0.0, checkpoint_every=1,
         keep_checkpoints=5, log_every=1,
     )  # fmt: skip
     hook = tmp_path / "hook"
@@ -310,6 +310,6 @@ def test_crash_on_one_rank_is_reported_with_its_lines_and_the_rerun_resumes(
     caplog.clear()
     ref = launch_training(cfg, nproc=2, launcher="torchrun")
     assert ref.key == key and store.is_done("train", key)
-    assert ref.counts["steps"] == 4
+    assert ref.counts["steps"] == 3
     assert re.search(r"resumed from \S*step-00000002 \(step 2", caplog.text), caplog.text[-3000:]
     store.verify(ref)
