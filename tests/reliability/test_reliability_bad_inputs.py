@@ -296,6 +296,7 @@ def _train_cfg(pipe: dict, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_hidden_shards_from_another_target_are_refused(tmp_path, pipe):
     from eagle_core.launch import launch_training
 
@@ -444,6 +445,7 @@ def test_form_parameters_failing_validation_name_the_field(section, bad, field):
     assert any(loc.endswith(f"{section}.{field}") for loc in locs), locs
 
 
+@pytest.mark.slow
 def test_cli_invalid_option_values_exit_2_naming_the_field(tmp_path, pipe):
     r = cli("scan-vocab", "--tokens", pipe["tokens"].url, "--draft-vocab-size", "0",
             "--store", str(tmp_path / "s"))  # fmt: skip
