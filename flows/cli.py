@@ -30,6 +30,8 @@ _ENV_DEFAULTS = {
 }
 
 log = logging.getLogger("eagle_pipeline.cli")
+# exceptions of these libraries are network / object-store failures, whatever their class
+_IO_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "httpx", "s3fs")
 # third-party loggers whose DEBUG output can hold credentials (see main)
 _QUIET_WHEN_VERBOSE = ("botocore", "boto3", "aiobotocore", "s3fs", "urllib3", "gcsfs", "adlfs")
 
@@ -401,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _is_io_trouble(exc: BaseException) -> bool:
+    """Network / object-store / filesystem trouble (not a bug, not a PipelineError)."""
+    if isinstance(exc, OSError):  # ConnectionError and TimeoutError included
+        return True
+    return type(exc).__module__.split(".")[0] in _IO_ERROR_MODULES
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     ns = build_parser().parse_args(argv)
@@ -425,6 +434,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"eagle-pipeline {ns.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not _is_io_trouble(exc):
+            raise
+        # transient storage/network trouble (the tasks retry it; here the user reruns)
+        print(
+            f"eagle-pipeline {ns.command}: storage or network error: {type(exc).__name__}: "
+            f"{exc}. Fix: check that the artifact root / S3 endpoint is reachable, then rerun "
+            "(the failed stage published nothing; its finished shards are reused)",
+            file=sys.stderr,
+        )
+        return 3
     print(url)
     return 0
 
