@@ -313,3 +313,17 @@ def test_crash_on_one_rank_is_reported_with_its_lines_and_the_rerun_resumes(
     assert ref.counts["steps"] == 3
     assert re.search(r"resumed from \S*step-00000002 \(step 2", caplog.text), caplog.text[-3000:]
     store.verify(ref)
+
+
+def test_unreachable_s3_endpoint_is_a_clear_cli_error(tmp_path):
+    """Nothing listens on the endpoint (the outage outlasted every retry): the CLI says what
+    failed and that a rerun is safe, exits 3 (transient), and prints no traceback."""
+    src = write_jsonl(str(tmp_path / "c.jsonl"), chat_rows(2))
+    env = {**os.environ, "EAGLE_PIPELINE_S3_ENDPOINT": f"http://127.0.0.1:{_free_port()}",
+           "AWS_MAX_ATTEMPTS": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "download", "--source", src,
+                        "--store", "s3://down/root"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "storage or network error" in r.stderr and "rerun" in r.stderr and "Fix:" in r.stderr
