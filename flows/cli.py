@@ -432,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eagle-pipeline {ns.command}: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        print(f"eagle-pipeline {ns.command}: invalid parameters:\n{exc}", file=sys.stderr)
+        # field + message only: pydantic's own text repeats the input, which may be a secret
+        lines = [
+            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        print(
+            f"eagle-pipeline {ns.command}: invalid parameters:\n" + "\n".join(lines),
+            file=sys.stderr,
+        )
         return 2
     except Exception as exc:
         if not _is_io_trouble(exc):
