@@ -52,7 +52,10 @@ def run_demo(store: str, quick: bool) -> dict[str, object]:
 
 def run_in_process(store: str, quick: bool) -> dict[str, object]:
     """One `retrain` flow call in this process: wall seconds, per-stage cached flags."""
+    from flows.cli import _set_env_defaults
     from flows.params import DEMO, PipelineParams, TrainParams
+
+    _set_env_defaults()  # the CLI's Prefect settings (server start-up timeout on busy machines)
     from flows.retrain import retrain
 
     params = PipelineParams(
@@ -116,6 +119,7 @@ def main() -> None:
         r, summary = _pair_rows(mode, first, second)
         rows += r
         results[mode] = summary
+        print(f"{mode}: {r}", flush=True)  # kept in the log should a later pair fail
     save(
         "pipeline_cache_inprocess" if args.skip_cli else "pipeline_cache",
         rows,

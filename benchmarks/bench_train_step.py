@@ -110,9 +110,9 @@ def bare_loop(setup: Any, cfg: TrainConfig, batches: list[Any]) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
-    ap.add_argument("--bench-steps", type=int, default=40, help="steps per timed run")
-    ap.add_argument("--warmup", type=int, default=5, help="first steps dropped")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--bench-steps", type=int, default=12, help="steps per timed run")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps dropped")
+    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     setup_logging()
     budget: Budget = budget_from_args(args)
