@@ -93,7 +93,7 @@ def _free_port() -> int:
 
 
 def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
-    """The download stage writes 20 shards to S3; after the 3rd shard's journal entry the
+    """The download stage writes 30 shards to S3; after the 3rd shard's journal entry the
     server stops for 4 s. The stage either rides it out (s3fs/botocore retries) or fails with
     an error and no manifest; a rerun completes and only uploads what was missing."""
     import boto3
@@ -110,7 +110,7 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
         s3.create_bucket(Bucket="outage")
         monkeypatch.setenv("EAGLE_PIPELINE_S3_ENDPOINT", endpoint)
         store = ArtifactStore("s3://outage/root")
-        src = write_jsonl(str(tmp_path / "c.jsonl"), chat_rows(40))
+        src = write_jsonl(str(tmp_path / "c.jsonl"), chat_rows(60))
         cfg = DownloadConfig(sources=(SourceSpec(path=src),), shard_size=2, shuffle=False)
         key = store.key("download", cfg, code=CODE_VERSION)
         outcome: dict = {}
@@ -140,13 +140,16 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
         assert not t.is_alive()
         if "error" in outcome:
             err = outcome["error"]
-            assert isinstance(err, (OSError, StoreError)), repr(err)
+            # transient I/O trouble (what the tasks retry and the CLI reports in one line)
+            from flows.cli import _is_io_trouble
+
+            assert isinstance(err, StoreError) or _is_io_trouble(err), repr(err)
             assert not store.is_done("download", key)
             journaled = s3.list_objects_v2(Bucket="outage", Prefix=prefix).get("KeyCount", 0)
             assert journaled >= 3  # finished shards survive the failure
         ref = download(store, cfg)  # the rerun (or a cached return)
         assert ref.key == key and store.is_done("download", key)
-        assert ref.counts["rows"] == 40 and ref.counts["shards"] == 20
+        assert ref.counts["rows"] == 60 and ref.counts["shards"] == 30
         store.verify(ref)
         logging.getLogger(__name__).info("outage outcome: %s", sorted(outcome))
     finally:
