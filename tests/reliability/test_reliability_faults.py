@@ -93,7 +93,7 @@ def _free_port() -> int:
 
 
 def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
-    """The download stage writes 30 shards to S3; after the 3rd shard's journal entry the
+    """The download stage writes 80 shards to S3; after the 3rd shard's journal entry the
     server stops for 4 s. The stage either rides it out (s3fs/botocore retries) or fails with
     an error and no manifest; a rerun completes and only uploads what was missing."""
     import boto3
@@ -110,7 +110,7 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
         s3.create_bucket(Bucket="outage")
         monkeypatch.setenv("EAGLE_PIPELINE_S3_ENDPOINT", endpoint)
         store = ArtifactStore("s3://outage/root")
-        src = write_jsonl(str(tmp_path / "c.jsonl"), chat_rows(60))
+        src = write_jsonl(str(tmp_path / "c.jsonl"), chat_rows(160))
         cfg = DownloadConfig(sources=(SourceSpec(path=src),), shard_size=2, shuffle=False)
         key = store.key("download", cfg, code=CODE_VERSION)
         outcome: dict = {}
@@ -130,7 +130,7 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
             if got >= 3 or not t.is_alive():
                 break
             assert time.time() < deadline, "no shard journaled in 120 s"
-            time.sleep(0.02)
+            time.sleep(0.005)
         assert t.is_alive(), "the stage finished before the outage could start"
         server.stop()
         time.sleep(4.0)
@@ -149,7 +149,7 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
             assert journaled >= 3  # finished shards survive the failure
         ref = download(store, cfg)  # the rerun (or a cached return)
         assert ref.key == key and store.is_done("download", key)
-        assert ref.counts["rows"] == 60 and ref.counts["shards"] == 30
+        assert ref.counts["rows"] == 160 and ref.counts["shards"] == 80
         store.verify(ref)
         logging.getLogger(__name__).info("outage outcome: %s", sorted(outcome))
     finally:
