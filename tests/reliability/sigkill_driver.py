@@ -146,9 +146,11 @@ def main() -> None:
     # 2. kills at seeded random points of each stage, then the stage to completion
     points = []
     for i, stage in enumerate(STAGES):
+        remaining = durations[stage]  # a rerun resumes: less is left after each kill
         for _ in range(KILLS[stage]):
-            delay = rng.uniform(0.0, 1.1) * durations[stage]
+            delay = rng.uniform(0.05, 0.85) * remaining
             out = fork_run(killed, data, tok, target, i, kill_after=delay)
+            remaining = max(remaining - 0.5 * delay, 0.2)
             verify_all(ArtifactStore(killed))  # no manifest lists a missing / different file
             done = ArtifactStore(killed).fs.glob(f"{killed}/{stage}/*/manifest.json")
             points.append({"stage": stage, "delay_s": round(delay, 3), "killed": out["killed"],

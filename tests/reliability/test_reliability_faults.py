@@ -45,7 +45,10 @@ def test_sigkill_at_random_points_of_every_stage_then_rerun_equals_a_clean_run(
         "download", "tokenize", "scan_vocab", "extract_hidden", "train", "export"
     }  # fmt: skip
     killed = [p for p in points if p["killed"]]
-    assert len(killed) >= 7, points  # (a kill may come after a very short stage finished)
+    # a kill may come after a (resumed, so shorter) stage finished; most must land
+    assert len(killed) >= 6, points
+    for stage in ("download", "tokenize", "extract_hidden", "train"):
+        assert any(p["stage"] == stage for p in killed), (stage, points)
     assert any(not p["published_before_kill"] for p in killed)
 
     clean, rerun = res["clean"], res["killed"]
