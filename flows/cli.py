@@ -108,14 +108,15 @@ def _cmd_download(ns: argparse.Namespace) -> str:
     return download(_store(ns), cfg, force=ns.force).url
 
 
-def _ref(url: str, stage: str) -> Any:
+def _ref(url: str, stage: str | tuple[str, ...]) -> Any:
     from storage import ArtifactError, ArtifactStore
 
+    stages = (stage,) if isinstance(stage, str) else stage
     store, got, key = ArtifactStore.for_url(url)
-    if got != stage:
+    if got not in stages:
         raise ArtifactError(
-            f"{url} is a {got!r} artifact, expected {stage!r}",
-            fix=f"pass the URL of a {stage} artifact: <root>/{stage}/<key>",
+            f"{url} is a {got!r} artifact, expected {' or '.join(map(repr, stages))}",
+            fix=f"pass the URL of a {' or '.join(stages)} artifact: <root>/{stages[0]}/<key>",
         )
     return store.ref(got, key)
 
@@ -125,7 +126,8 @@ def _cmd_tokenize(ns: argparse.Namespace) -> str:
     from flows.params import TokenizeParams
 
     cfg = _section(TokenizeParams, ns).tokenize_config(ns.tokenizer, ns.format, ns.seed)
-    return tokenize(_store(ns), _ref(ns.records, "download"), cfg, force=ns.force).url
+    records = _ref(ns.records, ("download", "regenerate"))  # regenerate keeps the record schema
+    return tokenize(_store(ns), records, cfg, force=ns.force).url
 
 
 def _cmd_regenerate(ns: argparse.Namespace) -> str:
