@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from storage import ArtifactStore, StageRef
 from tasks import ui
-from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+from tasks.retry import stage_task
 
 if TYPE_CHECKING:
     from eagle_core.download import DownloadConfig
@@ -24,16 +23,7 @@ def _run_name() -> str:
     return "download-" + cfg.sources[0].name.rstrip("/").rsplit("/", 1)[-1]
 
 
-@task(
-    name="download",
-    task_run_name=lambda: _run_name(),
-    cache_policy=NO_CACHE,  # the artifact store's manifest is the cache (STYLE.md §4)
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=6 * 3600,
-)
+@stage_task("download", timeout_s=6 * 3600, task_run_name=lambda: _run_name())
 def download(cfg: DownloadConfig, store_url: str, force: bool = False) -> StageRef:
     """Read, validate and normalize one dataset; rejects are counted by reason.
 

@@ -5,26 +5,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from storage import ArtifactStore, StageRef
 from tasks import ui
-from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+from tasks.retry import stage_task
 
 if TYPE_CHECKING:
     from eagle_core.evaluate import EvalConfig
 
 
-@task(
-    name="evaluate",
-    cache_policy=NO_CACHE,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=12 * 3600,
-)
+@stage_task("evaluate", timeout_s=12 * 3600)
 def evaluate(
     export_ref: StageRef,
     cfg: EvalConfig,

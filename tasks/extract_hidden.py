@@ -5,27 +5,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from storage import ArtifactStore, StageRef
 from tasks import ui
-from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+from tasks.retry import stage_task
 
 if TYPE_CHECKING:
     from eagle_core.extract import ExtractConfig
 
 
-@task(
-    name="extract_hidden",
-    task_run_name="extract_hidden-{tokens.key}",
-    cache_policy=NO_CACHE,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=48 * 3600,
-)
+@stage_task("extract_hidden", timeout_s=48 * 3600, task_run_name="extract_hidden-{tokens.key}")
 def extract_hidden(
     tokens: StageRef, cfg: ExtractConfig, store_url: str, force: bool = False
 ) -> StageRef:

@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from eagle_core.regenerate import RegenerateConfig, stats_rows
 from eagle_core.regenerate import regenerate as run
 from storage import ArtifactStore, StageRef
 from tasks import ui
-from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+from tasks.retry import stage_task
 
 
-@task(
-    name="regenerate",
-    task_run_name="regenerate-{records.key}",
-    cache_policy=NO_CACHE,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=48 * 3600,
-)
+@stage_task("regenerate", timeout_s=48 * 3600, task_run_name="regenerate-{records.key}")
 def regenerate(
     records: StageRef, cfg: RegenerateConfig, store_url: str, force: bool = False
 ) -> StageRef:

@@ -5,26 +5,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from storage import ArtifactStore, StageRef
 from tasks import ui
-from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+from tasks.retry import stage_task
 
 if TYPE_CHECKING:
     from eagle_core.vocab import VocabConfig
 
 
-@task(
-    name="scan_vocab",
-    cache_policy=NO_CACHE,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=6 * 3600,
-)
+@stage_task("scan_vocab", timeout_s=6 * 3600)
 def scan_vocab(
     tokens: list[StageRef], cfg: VocabConfig, store_url: str, force: bool = False
 ) -> StageRef:

@@ -6,12 +6,11 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 
 from storage import ArtifactStore, StageRef
 from tasks import ui
-from tasks.retry import RETRIES, RETRY_DELAYS, RETRY_JITTER, retry_transient
+from tasks.retry import stage_task
 
 if TYPE_CHECKING:
     from eagle_core.train import TrainConfig
@@ -19,15 +18,7 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 
 
-@task(
-    name="train",
-    cache_policy=NO_CACHE,
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient,
-    timeout_seconds=7 * 24 * 3600,
-)
+@stage_task("train", timeout_s=7 * 24 * 3600)
 def train(
     cfg: TrainConfig,
     nproc: int,
