@@ -1,6 +1,7 @@
 """Session fixtures shared by every test package.
 
-Prefect's test harness lives in tests/flows/conftest.py only (it starts a server).
+`prefect_server` is the one Prefect test harness (a real server) of the session: started on
+first use by a test that asks for it (tests/tasks, tests/flows), never by the others.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ def s3_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A real Prefect server for the session (`prefect_test_harness`); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield str(PREFECT_API_URL.value())
 
 
 @pytest.fixture
