@@ -42,19 +42,25 @@ import fsspec
 
 from storage.errors import ArtifactError, StoreError
 from storage.keys import canonical, content_key
+from storage.urls import (
+    ENV_S3_ENDPOINT,
+    OBJECT_STORE_PROTOCOLS,
+    fs_options,
+    has_credentials,
+    redact_obj,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 JOURNAL_DIR = "_journal"
 ENV_ROOT = "EAGLE_PIPELINE_STORE"
-ENV_S3_ENDPOINT = "EAGLE_PIPELINE_S3_ENDPOINT"  # for MinIO / moto; credentials stay in env
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _HASH_CHUNK = 1 << 20
 # errors a retry cannot fix: no space, quota, read-only fs, name too long
 # EFBIG: a file-size limit (ulimit -f, a filesystem's maximum file size) does not lift by retrying
 _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG}
-_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 _TMP_PREFIX = ".tmp-"
 UPLOAD_STAGING_DIR = "eagle-pipeline-upload"  # under the system temp dir, for remote roots
 _STALE_TMP_S = 24 * 3600  # a temp file this old belongs to no live writer, whoever made it
@@ -92,6 +98,14 @@ class StageRef:
     key: str
     url: str
     counts: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the URL may hold credentials (an http root's user:password)
+        return (
+            f"StageRef(stage={self.stage!r}, key={self.key!r}, url={redact_url(self.url)!r}, "
+            f"counts={self.counts!r})"
+        )
+
+    __str__ = __repr__
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,16 +162,19 @@ class ArtifactStore:
 
     def __init__(self, root: str | None = None, storage_options: dict[str, Any] | None = None):
         root = root or default_root()
-        opts = dict(storage_options or {})
+        # an S3 endpoint from the env; no listings cache on object stores (see fs_options)
+        opts = fs_options(root, storage_options)
         protocol = fsspec.core.split_protocol(root)[0] or "file"
-        if protocol in ("s3", "s3a") and os.environ.get(ENV_S3_ENDPOINT):
-            client_kwargs = dict(opts.get("client_kwargs") or {})  # never mutate the caller's
-            client_kwargs.setdefault("endpoint_url", os.environ[ENV_S3_ENDPOINT])
-            opts["client_kwargs"] = client_kwargs
-        if protocol in _OBJECT_STORES:
-            # fsspec caches directory listings per process: a worker that listed an artifact
-            # dir would not see a manifest another process published afterwards.
-            opts.setdefault("use_listings_cache", False)
+        if protocol in OBJECT_STORE_PROTOCOLS and has_credentials(root):
+            # s3fs / gcsfs would take `KEY:SECRET@bucket` as the bucket name, and their
+            # errors would echo it: refuse before any client sees it
+            raise StoreError(
+                f"artifact root {redact_url(root)} carries credentials or a query string in "
+                "the URL, which object stores cannot use",
+                fix=f"drop them from the URL and give credentials through the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, a profile, "
+                f"an instance role; ${ENV_S3_ENDPOINT} for MinIO)",
+            )
         try:
             self.fs, path = fsspec.core.url_to_fs(root, **opts)
         except (ValueError, ImportError) as exc:
@@ -500,7 +517,7 @@ class ArtifactWriter:
             except (ValueError, TypeError, FileNotFoundError) as exc:
                 # journal entries are put atomically, so this is a foreign or damaged file:
                 # the shard it described is simply redone
-                log.warning("ignoring unreadable journal entry %s (%s)", p, exc)
+                log.warning("ignoring unreadable journal entry %s (%s)", redact_url(p), exc)
                 continue
             entries[entry.name] = entry
         return entries
@@ -630,22 +647,24 @@ class ArtifactWriter:
             stage=self.stage,
             key=self.key,
             files=dict(self.files),
-            params=canonical(params) if params is not None else None,
+            # informational (the key is computed from the params, not read back from here):
+            # a credential in a data URL must not be persisted next to the data
+            params=redact_obj(canonical(params)) if params is not None else None,
             inputs=[_input_record(i) for i in inputs],
             counts=canonical(self.counts),
             meta=canonical(self.meta),
             created_at=time.time(),
         )
         self._put_bytes(MANIFEST, manifest.to_json().encode())
-        log.info("published %s (%d files)", self.url, len(self.files))
+        log.info("published %s (%d files)", redact_url(self.url), len(self.files))
         # The manifest now lists everything the journal did; a leftover journal is harmless
         # (a later publish rewrites or force-drops it), so a failure here is only logged.
         try:
             self.store._rm(self.store.path(self.stage, self.key, JOURNAL_DIR), recursive=True)
         except OSError as exc:  # e.g. a concurrent writer of this key adding an entry
-            log.warning("could not remove the journal of %s: %s", self.url, exc)
+            log.warning("could not remove the journal of %s: %s", redact_url(self.url), exc)
         except StoreError as exc:
-            log.warning("could not remove the journal of %s: %s", self.url, exc)
+            log.warning("could not remove the journal of %s: %s", redact_url(self.url), exc)
 
 
 def _input_record(i: Any) -> dict[str, str]:
