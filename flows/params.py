@@ -488,8 +488,10 @@ def demo_params(*, quick: bool, store: str = "", force: list[str] | None = None)
     )
 
 
-# The demo target's quick preset: an 8-layer H=64 Llama on a few stdlib modules, trained for a
-# few seconds. Real enough for the whole DAG, small enough for the integration tests.
+# The demo target's quick preset: an 8-layer H=64 Llama on a few stdlib modules (the small test
+# target's `SMALL_MODULES` + these), trained for a few seconds. Real enough for the whole DAG,
+# small enough for the integration tests.
+QUICK_EXTRA_MODULES = ("calendar", "csv", "pprint", "reprlib", "struct")
 QUICK_DEMO_TARGET: dict[str, Any] = {
     "vocab_size": 1024,
     "tokenizer_corpus_chars": 200_000,
@@ -508,32 +510,14 @@ QUICK_DEMO_TARGET: dict[str, Any] = {
     "max_heldout_samples": 16,
     "eval_blocks": 4,
     "eval_fim_samples": 4,
-    "modules": (
-        "textwrap",
-        "shlex",
-        "heapq",
-        "bisect",
-        "fnmatch",
-        "glob",
-        "colorsys",
-        "copy",
-        "keyword",
-        "string",
-        "numbers",
-        "queue",
-        "sched",
-        "graphlib",
-        "calendar",
-        "csv",
-        "pprint",
-        "reprlib",
-        "struct",
-    ),
 }
 
 
 def demo_target_config(quick: bool) -> Any:
     """`eagle_core.demo.DemoTargetConfig`: the full demo target, or its quick preset."""
     from eagle_core.demo import DemoTargetConfig
+    from eagle_core.demo.build import SMALL_MODULES
 
-    return DemoTargetConfig(**QUICK_DEMO_TARGET) if quick else DemoTargetConfig()
+    if not quick:
+        return DemoTargetConfig()
+    return DemoTargetConfig(**QUICK_DEMO_TARGET, modules=SMALL_MODULES + QUICK_EXTRA_MODULES)

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eagle_core.demo import STAGE, DemoTargetConfig, build_demo_target
-from eagle_core.demo.build import CODE_VERSION, data_files, make_data, stage_params
+from eagle_core.demo.build import CODE_VERSION, SMALL_MODULES, data_files, make_data, stage_params
 from eagle_core.demo.corpus import (
     chat_samples,
     fim_samples,
@@ -22,22 +22,6 @@ from eagle_core.demo.corpus import (
 from eagle_core.errors import ConfigError
 from storage import ArtifactStore
 
-MODULES = (
-    "textwrap",
-    "shlex",
-    "heapq",
-    "bisect",
-    "fnmatch",
-    "glob",
-    "colorsys",
-    "copy",
-    "keyword",
-    "string",
-    "numbers",
-    "queue",
-    "sched",
-    "graphlib",
-)
 TINY = dict(
     vocab_size=600,
     tokenizer_corpus_chars=200_000,
@@ -56,14 +40,14 @@ TINY = dict(
     max_heldout_samples=8,
     eval_blocks=2,
     eval_fim_samples=2,
-    modules=MODULES,
+    modules=SMALL_MODULES,
 )
 
 
 @pytest.fixture(scope="module")
 def sources():
-    files, rejects = read_sources(modules=list(MODULES))
-    assert len(files) == len(MODULES) and sum(rejects.values()) == 0
+    files, rejects = read_sources(modules=list(SMALL_MODULES))
+    assert len(files) == len(SMALL_MODULES) and sum(rejects.values()) == 0
     return files
 
 
