@@ -103,6 +103,10 @@ def _cmd_download(ns: argparse.Namespace) -> str:
         seed=ns.seed,
         kind=ns.kind,
         split=ns.split,
+        config=ns.config,
+        revision=ns.revision,
+        shuffle=ns.shuffle,
+        fim_split=ns.fim_split,
         max_reject_fraction=ns.max_reject_fraction,
     )
     return download(_store(ns), cfg, force=ns.force).url
@@ -121,13 +125,82 @@ def _ref(url: str, stage: str | tuple[str, ...]) -> Any:
     return store.ref(got, key)
 
 
+def _fim_tokens_option(value: str | None) -> tuple[str, str, str, str] | None:
+    """`--fim-tokens`: a family of eagle_core.fim.FIM_FAMILIES, or 4 comma-separated token
+    strings (prefix,suffix,middle,end)."""
+    from eagle_core.errors import ConfigError
+    from eagle_core.fim import FIM_FAMILIES
+
+    if value is None:
+        return None
+    families: dict[str, tuple[str, str, str, str]] = {}
+    for family, p, s, m, ends in FIM_FAMILIES:
+        families.setdefault(family, (p, s, m, ends[0]))  # the first spelling of a family
+    if value.lower() in families:
+        return families[value.lower()]
+    parts = tuple(t.strip() for t in value.split(","))
+    if len(parts) != 4 or not all(parts):
+        raise ConfigError(
+            f"--fim-tokens={value!r} is neither a FIM family nor 4 token strings",
+            fix=f"use one of {sorted(families)}, or prefix,suffix,middle,end token strings "
+            "of the tokenizer (e.g. '<fim_prefix>,<fim_suffix>,<fim_middle>,<|endoftext|>')",
+        )
+    return parts  # type: ignore[return-value]
+
+
+def _chat_template_option(value: str | None) -> str | None:
+    """`--chat-template`: a template file is read here, so the artifact's key hashes the
+    template's text (a path alone would not change when the file does); anything else (a
+    template name of the tokenizer, or template text) passes through."""
+    from eagle_core.errors import ConfigError
+
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"--chat-template {value}: cannot be read ({exc})",
+                fix="pass a readable UTF-8 .jinja file, a template name of the tokenizer, "
+                "or the template text",
+            ) from exc
+        if not text.strip():
+            raise ConfigError(
+                f"--chat-template {value} is empty", fix="pass a non-empty Jinja chat template"
+            )
+        return text
+    if value.endswith((".jinja", ".j2", ".jinja2")):
+        raise ConfigError(
+            f"--chat-template {value}: no such file",
+            fix="check the path of the .jinja file (or pass a template name of the tokenizer)",
+        )
+    return value
+
+
 def _cmd_tokenize(ns: argparse.Namespace) -> str:
+    import dataclasses
+
+    from eagle_core.errors import ConfigError
     from eagle_core.tokenize import tokenize
     from flows.params import TokenizeParams
 
     cfg = _section(TokenizeParams, ns).tokenize_config(ns.tokenizer, ns.format, ns.seed)
+    extra: dict[str, Any] = {
+        "chat_template": _chat_template_option(ns.chat_template),
+        "chat_mask": ns.chat_mask,
+        "last_turn_only": ns.last_turn_only or None,
+        "fim_tokens": _fim_tokens_option(ns.fim_tokens),
+    }
+    # replace() re-runs the config's own checks
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in extra.items() if v is not None})
+    if ns.num_proc < 1:
+        raise ConfigError(
+            f"--num-proc={ns.num_proc} must be >= 1", fix="use 1 (default) or the CPU count"
+        )
     records = _ref(ns.records, ("download", "regenerate"))  # regenerate keeps the record schema
-    return tokenize(_store(ns), records, cfg, force=ns.force).url
+    return tokenize(_store(ns), records, cfg, force=ns.force, num_proc=ns.num_proc).url
 
 
 def _cmd_regenerate(ns: argparse.Namespace) -> str:
@@ -151,6 +224,10 @@ def _cmd_scan_vocab(ns: argparse.Namespace) -> str:
     from flows.params import VocabParams
 
     cfg = _section(VocabParams, ns).vocab_config()  # parameters are checked first
+    if ns.target_vocab_size is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, target_vocab_size=ns.target_vocab_size)  # checked
     tokens = [_ref(u, "tokenize") for u in ns.tokens]
     return scan_vocab(_store(ns), tokens, cfg, force=ns.force).url
 
@@ -321,7 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="path/glob/Hub name, optionally `:weight`, or a JSON object; repeatable",
     )
     p.add_argument("--kind", default="auto", choices=["chat", "fim", "tokens", "auto"])
-    p.add_argument("--split", default="train")
+    p.add_argument(
+        "--split", default="train", help="Hub / dataset-dir split (ignored for plain files)"
+    )
+    p.add_argument(
+        "--config", default=None, help="Hub dataset config name (`name=` of load_dataset)"
+    )
+    p.add_argument(
+        "--revision", default=None, help="Hub dataset revision: branch, tag or commit (pin it)"
+    )
+    p.add_argument(
+        "--fim-split",
+        default="lines",
+        choices=["chars", "lines", "ast"],
+        help="whole code files: the middle is random chars, whole lines, or an AST node",
+    )
+    p.add_argument(
+        "--no-shuffle",
+        dest="shuffle",
+        action="store_false",
+        help="keep file order (records stream to shards; the cap takes the first rows)",
+    )
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-reject-fraction", type=float, default=0.1)
@@ -332,6 +429,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="chat", choices=["chat", "fim", "tokens", "auto"])
     p.add_argument("--seed", type=int, default=0)
     _add_section_options(p, TokenizeParams)
+    p.add_argument(
+        "--no-reasoning",
+        dest="keep_reasoning",
+        action="store_const",
+        const=False,
+        help="drop the reasoning of answers (same as --no-keep-reasoning)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template: a .jinja file, a template name of the tokenizer, or the text "
+        "(default: the tokenizer's own)",
+    )
+    p.add_argument(
+        "--chat-mask",
+        default=None,
+        choices=["auto", "offsets", "generation"],
+        help="how assistant tokens are found: {%% generation %%} marks, character offsets, "
+        "or auto (marks when the template has them)",
+    )
+    p.add_argument(
+        "--last-turn-only",
+        action="store_true",
+        help="train only on the last answer of each chat (e.g. regenerated data)",
+    )
+    p.add_argument(
+        "--fim-tokens",
+        default=None,
+        help="FIM tokens: a family (starcoder, qwen, codellama, deepseek) or "
+        "prefix,suffix,middle,end token strings (default: found in the tokenizer)",
+    )
+    p.add_argument("--num-proc", type=int, default=1, help="worker processes (not part of the key)")
 
     p = stage(
         "regenerate",
@@ -351,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", action="append", required=True, help="tokenize artifact URL (repeatable)"
     )
     _add_section_options(p, VocabParams)
+    p.add_argument(
+        "--target-vocab-size",
+        type=int,
+        default=None,
+        help="the target's config.vocab_size when its embedding is padded past the "
+        "tokenizer (default: the tokenizer's size)",
+    )
 
     p = stage("extract", "store target hidden states (offline training)", _cmd_extract)
     p.add_argument("--tokens", required=True, help="tokenize artifact URL")
@@ -412,9 +548,33 @@ def _is_io_trouble(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in _IO_ERROR_MODULES
 
 
+def _secrets_of(ns: argparse.Namespace) -> list[str]:
+    """Credentials inside any URL the user passed (`--store s3://KEY:SECRET@...`,
+    `--source https://h/x?token=...`): never printed, whatever shape a message gives them."""
+    from storage.urls import url_secrets
+
+    found: list[str] = []
+    for value in vars(ns).values():
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, str) and "://" in v:
+                found += url_secrets(v)
+    return found
+
+
+def _print_err(text: str, secrets: Sequence[str]) -> None:
+    from storage.urls import redact_text
+
+    print(redact_text(text, secrets), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     _set_env_defaults()
     ns = build_parser().parse_args(argv)
+    from storage.urls import install_log_redaction, redact_text, redact_url
+
+    secrets = _secrets_of(ns)
+    # every log record of this process: URLs redacted, and these literals masked
+    install_log_redaction(secrets)
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.INFO,
         stream=sys.stderr,
@@ -431,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = ns.fn(ns)
     except PipelineError as exc:
-        print(f"eagle-pipeline {ns.command}: {exc}", file=sys.stderr)
+        _print_err(f"eagle-pipeline {ns.command}: {exc}", secrets)
         return 2
     except ValidationError as exc:
         # field + message only: pydantic's own text repeats the input, which may be a secret
@@ -439,23 +599,36 @@ def main(argv: list[str] | None = None) -> int:
             f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
             for e in exc.errors(include_input=False, include_url=False)
         ]
-        print(
-            f"eagle-pipeline {ns.command}: invalid parameters:\n" + "\n".join(lines),
-            file=sys.stderr,
+        _print_err(
+            f"eagle-pipeline {ns.command}: invalid parameters:\n" + "\n".join(lines), secrets
         )
         return 2
     except Exception as exc:
         if not _is_io_trouble(exc):
-            raise
+            if not secrets:
+                raise
+            # a bug, but its traceback could quote a credential of a URL argument: print it
+            # redacted instead of letting the interpreter print it raw
+            import traceback
+
+            _print_err("".join(traceback.format_exception(exc)).rstrip(), secrets)
+            return 1
         # transient storage/network trouble (the tasks retry it; here the user reruns)
-        print(
+        _print_err(
             f"eagle-pipeline {ns.command}: storage or network error: {type(exc).__name__}: "
             f"{exc}. Fix: check that the artifact root / S3 endpoint is reachable, then rerun "
             "(the failed stage published nothing; its finished shards are reused)",
-            file=sys.stderr,
+            secrets,
         )
         return 3
-    print(url)
+    shown = redact_text(redact_url(url), secrets)
+    if shown != url:
+        print(
+            "eagle-pipeline: the artifact URL below has its credentials masked (***); give "
+            "them to the next command through the environment, not in the URL",
+            file=sys.stderr,
+        )
+    print(shown)
     return 0
 
 
