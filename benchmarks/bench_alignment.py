@@ -18,22 +18,13 @@ Run: .venv/bin/python -m benchmarks.bench_alignment --target <demo target URL> [
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
 from typing import Any
 
-from benchmarks.bench_quality import (
-    add_common_args,
-    budget_from_args,
-    prepare,
-    resolve_target,
-    setup_logging,
-    train_and_evaluate,
-)
+from benchmarks.bench_quality import parser, start, train_and_evaluate
 from benchmarks.measure import save
-from storage import ArtifactStore
 
 METRICS = (
     "tau_fim",
@@ -58,16 +49,10 @@ def _std(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap)
+    ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, default=3)
-    args = ap.parse_args()
-    setup_logging()
-    budget = budget_from_args(args)
-    store = ArtifactStore(args.store)
-    t0 = time.time()
-    target = resolve_target(store, args.target)
-    data = prepare(store, target, budget)
+    run = start(ap.parse_args())
+    store, data, budget, target, args = run.store, run.data, run.budget, run.target, run.args
     runs: dict[str, list[dict[str, Any]]] = {"aligned": [], "reference": []}
     for seed in range(args.seeds):  # seed-major: a cut-short run still has both schemes
         for scheme in ("aligned", "reference"):
@@ -103,7 +88,7 @@ def main() -> None:
             m: (a[m] - r[m]) if a[m] is not None and r[m] is not None else None
             for m in (*METRICS, "abs_tau_gap")
         },
-        wall_s=time.time() - t0,
+        wall_s=time.time() - run.started,
     )
 
 

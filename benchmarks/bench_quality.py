@@ -108,6 +108,35 @@ def resolve_target(store: ArtifactStore, target: str) -> str:
     return build_demo_target(store, DemoTargetConfig()).url
 
 
+@dataclass
+class Run:
+    """What every quality benchmark starts from (`start`)."""
+
+    args: argparse.Namespace
+    budget: Budget
+    store: ArtifactStore
+    target: str  # the demo target's artifact URL
+    data: Data
+    started: float  # time.time() before the target was resolved: the benchmark's wall_s
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A command line described by `doc`'s first line, with the common arguments."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(ap)
+    return ap
+
+
+def start(args: argparse.Namespace) -> Run:
+    """Log to stderr, resolve (or build) the target and prepare the shared, cached data."""
+    setup_logging()
+    budget = budget_from_args(args)
+    store = ArtifactStore(args.store)
+    started = time.time()
+    target = resolve_target(store, args.target)
+    return Run(args, budget, store, target, prepare(store, target, budget), started)
+
+
 def _download(store: ArtifactStore, path: str, kind: str, n: int | None) -> StageRef:
     from eagle_core.download import DownloadConfig, SourceSpec, download
 
@@ -283,19 +312,13 @@ def train_and_evaluate(
 
 
 def short(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The result-table row of a run: `keys` of `row` in that order (None where missing)."""
     return {k: row.get(k) for k in keys}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap)
-    args = ap.parse_args()
-    setup_logging()
-    budget = budget_from_args(args)
-    store = ArtifactStore(args.store)
-    t0 = time.time()
-    target = resolve_target(store, args.target)
-    data = prepare(store, target, budget)
+    run = start(parser(__doc__).parse_args())
+    store, data, budget, target = run.store, run.data, run.budget, run.target
     ttt = train_and_evaluate(store, data, budget, label="TTT 7 steps (aligned)")
     no_ttt = train_and_evaluate(store, data, budget, label="no TTT (1 step)", ttt_steps=1)
     limit = float(budget.chain_steps + 1)
@@ -327,7 +350,7 @@ def main() -> None:
         ttt_gain={
             k: (ttt.get(f"tau_{k}") or 0) - (no_ttt.get(f"tau_{k}") or 0) for k in ("fim", "chat")
         },
-        wall_s=time.time() - t0,
+        wall_s=time.time() - run.started,
     )
 
 

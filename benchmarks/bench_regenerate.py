@@ -16,41 +16,31 @@ Run: .venv/bin/python -m benchmarks.bench_regenerate --target <demo target URL>
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from typing import Any
 
 from benchmarks.bench_quality import (
     TRAIN_FILES,
-    add_common_args,
-    budget_from_args,
-    prepare,
-    resolve_target,
-    setup_logging,
+    parser,
+    short,
+    start,
     tokenize_and_extract,
     train_and_evaluate,
 )
 from benchmarks.measure import save
-from storage import ArtifactStore
 
 KEYS = ("data", "tau_fim", "tau_chat", "tau_all", "train_samples", "speedup_all", "lossless_all")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap)
+    ap = parser(__doc__)
     ap.add_argument("--max-new-tokens", type=int, default=256, help="regenerated answer cap")
-    args = ap.parse_args()
-    setup_logging()
+    run = start(ap.parse_args())
+    store, data, budget, target, args = run.store, run.data, run.budget, run.target, run.args
     from eagle_core.errors import DataError
     from eagle_core.regenerate import RegenerateConfig, regenerate
 
-    budget = budget_from_args(args)
-    store = ArtifactStore(args.store)
-    t0 = time.time()
-    target = resolve_target(store, args.target)
-    data = prepare(store, target, budget)
     rcfg = RegenerateConfig(
         backend="local",
         target=target,
@@ -91,7 +81,7 @@ def main() -> None:
         f" (original {', '.join(fallback)}: nothing kept)" if fallback else ""
     )
     regenerated.update(data=label, train_samples=n_samples(regen_hidden))
-    rows = [{k: r.get(k) for k in KEYS} for r in (original, regenerated)]
+    rows = [short(r, KEYS) for r in (original, regenerated)]
     save(
         "regenerate",
         rows,
@@ -107,7 +97,7 @@ def main() -> None:
             k: (regenerated.get(k) or 0) - (original.get(k) or 0)
             for k in ("tau_fim", "tau_chat", "tau_all")
         },
-        wall_s=time.time() - t0,
+        wall_s=time.time() - run.started,
     )
 
 

@@ -19,7 +19,6 @@ Run: .venv/bin/python -m benchmarks.bench_train_step --target <demo target artif
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -28,14 +27,7 @@ from typing import Any
 import torch
 
 import eagle_core.train as train_mod
-from benchmarks.bench_quality import (
-    Budget,
-    add_common_args,
-    budget_from_args,
-    prepare,
-    resolve_target,
-    setup_logging,
-)
+from benchmarks.bench_quality import parser, start
 from benchmarks.measure import save
 from eagle_core.launch import launch_training
 from eagle_core.loss import compute_loss
@@ -108,17 +100,12 @@ def bare_loop(setup: Any, cfg: TrainConfig, batches: list[Any]) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap)
+    ap = parser(__doc__)
     ap.add_argument("--bench-steps", type=int, default=12, help="steps per timed run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps dropped")
     ap.add_argument("--repeats", type=int, default=1)
-    args = ap.parse_args()
-    setup_logging()
-    budget: Budget = budget_from_args(args)
-    store = ArtifactStore(args.store)
-    target = resolve_target(store, args.target)
-    data = prepare(store, target, budget)
+    run = start(ap.parse_args())
+    store, data, budget, target, args = run.store, run.data, run.budget, run.target, run.args
     n = args.bench_steps
     cfg = TrainConfig(
         store=store.root,
