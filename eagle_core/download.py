@@ -52,6 +52,7 @@ from eagle_core.records import (
 )
 from storage import ArtifactStore, StageRef
 from storage.shards import write_parquet
+from storage.urls import ENV_S3_ENDPOINT, fs_options, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ SourceKind = Literal["chat", "fim", "tokens", "auto"]
 _FILE_EXTS = (".jsonl", ".json", ".parquet", ".arrow", ".ndjson")
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 _GLOB_CHARS = "*?["
-ENV_S3_ENDPOINT = "EAGLE_PIPELINE_S3_ENDPOINT"  # same variable the artifact store reads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +92,9 @@ class SourceSpec:
 
     @property
     def name(self) -> str:
-        return self.label or self.path
+        # the default label is the path with any credential in it redacted: it ends up in
+        # every sample id, log line and manifest
+        return self.label or redact_url(self.path)
 
     @classmethod
     def parse(cls, text: str) -> SourceSpec:
@@ -174,11 +176,8 @@ class DownloadConfig:
 
 
 def default_storage_options(path: str) -> dict[str, Any]:
-    """fsspec options for a data URL: an S3 endpoint from $EAGLE_PIPELINE_S3_ENDPOINT."""
-    protocol = fsspec.core.split_protocol(path)[0]
-    if protocol in ("s3", "s3a") and os.environ.get(ENV_S3_ENDPOINT):
-        return {"client_kwargs": {"endpoint_url": os.environ[ENV_S3_ENDPOINT]}}
-    return {}
+    """fsspec options for a data URL: the artifact store's (`storage.urls.fs_options`)."""
+    return fs_options(path)
 
 
 def _is_data_file(name: str) -> bool:
@@ -221,8 +220,8 @@ def expand_files(path: str, storage_options: dict[str, Any]) -> list[str]:
     found = sorted(p for p in found if not fs.isdir(p))
     if not found:
         raise DataError(
-            f"source {path!r} matches no files",
-            fix="check the path / glob (and credentials or $EAGLE_PIPELINE_S3_ENDPOINT for s3)",
+            f"source {redact_url(path)!r} matches no files",
+            fix=f"check the path / glob (and credentials or ${ENV_S3_ENDPOINT} for s3)",
         )
     is_local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     return [p if is_local else fs.unstrip_protocol(p) for p in found]
@@ -314,7 +313,7 @@ def _dataset_rows(spec: SourceSpec, kind: str, streaming: bool) -> Iterator[RawR
             )
     except (FileNotFoundError, ValueError, KeyError, ConnectionError, OSError) as exc:
         raise DataError(
-            f"source {spec.path!r} (config={spec.config}, split={spec.split}, "
+            f"source {redact_url(spec.path)!r} (config={spec.config}, split={spec.split}, "
             f"revision={spec.revision}) could not be loaded: {type(exc).__name__}: {exc}",
             fix="check the dataset name, config and split (and HF_TOKEN / network for the "
             "Hub); JSON lines with bad lines load per line when given as files",
@@ -329,9 +328,9 @@ def iter_source(
     """Every raw row of one source, in a stable order."""
     stype = source_type(spec.path)
     if stype == "files":
-        opts = dict(storage_options or default_storage_options(spec.path))
+        opts = fs_options(spec.path, storage_options)
         for url in expand_files(spec.path, opts):
-            log.debug("download: reading %s", url)
+            log.debug("download: reading %s", redact_url(url))
             yield from _file_rows(url, opts)
     else:
         yield from _dataset_rows(spec, stype, streaming)

@@ -193,29 +193,59 @@ def prompts_from_records(
 
 def _jsonl_records(paths: Sequence[str], skipped: dict[str, int]) -> Iterable[dict[str, Any]]:
     """Rows of local/fsspec jsonl (or json list) files, normalised to records; rejected rows
-    are counted in `skipped` by reason."""
+    are counted in `skipped` by reason. URLs are opened with the artifact store's options
+    (`storage.urls.fs_options`: `$EAGLE_PIPELINE_S3_ENDPOINT` for s3://)."""
     import fsspec
 
     from eagle_core.records import Rejected, normalize_record
+    from storage.urls import fs_options, redact_url
 
     for path in paths:
-        with fsspec.open(path, "rt", encoding="utf-8") as fh:
-            text = fh.read()
+        shown = redact_url(path)
+        try:
+            with fsspec.open(path, "rt", encoding="utf-8", **fs_options(path)) as fh:
+                text = fh.read()
+        except FileNotFoundError as exc:
+            raise DataError(
+                f"evaluate.prompts: {shown} does not exist",
+                fix="pass held-out jsonl/json files, a directory of them, or a records "
+                "artifact URL (<root>/download/<key>); for s3:// check the bucket and "
+                "$EAGLE_PIPELINE_S3_ENDPOINT",
+            ) from exc
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"evaluate.prompts: {shown} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                fix="pass jsonl/json prompt files in UTF-8",
+            ) from exc
         rows: list[Any]
         if path.endswith(".json"):
-            loaded = json.loads(text)
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"evaluate.prompts: {shown} is not valid JSON ({exc})",
+                    fix="a .json prompt file holds one JSON list of records; use .jsonl for "
+                    "one record per line",
+                ) from exc
             rows = loaded if isinstance(loaded, list) else [loaded]
         else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    log.warning(
+                        "evaluate: %s line %d skipped (malformed_json: %s)", shown, lineno, exc
+                    )
+                    skipped["malformed_json"] = skipped.get("malformed_json", 0) + 1
+        base = os.path.basename(shown.rstrip("/"))
         for i, raw in enumerate(rows):
-            sid = (
-                str(raw.get("id", f"{os.path.basename(path)}:{i}"))
-                if isinstance(raw, dict)
-                else f"{path}:{i}"
-            )
-            rec = normalize_record(raw, sample_id=sid, source=path)
+            sid = str(raw.get("id", f"{base}:{i}")) if isinstance(raw, dict) else f"{shown}:{i}"
+            rec = normalize_record(raw, sample_id=sid, source=shown)
             if isinstance(rec, Rejected):
-                log.warning("evaluate: %s line %d skipped (%s)", path, i + 1, rec.reason)
+                log.warning("evaluate: %s line %d skipped (%s)", shown, i + 1, rec.reason)
                 skipped[str(rec.reason)] = skipped.get(str(rec.reason), 0) + 1
                 continue
             yield rec
@@ -270,15 +300,41 @@ def load_prompts(
 
 
 def _records_of(sources: list[str], skipped: dict[str, int]) -> Iterable[dict[str, Any]]:
-    """Records of every source in order (artifact URLs, files, directories)."""
+    """Records of every source in order (artifact URLs, files, directories; local or fsspec
+    URLs, opened with the artifact store's options)."""
     for src in sources:
         if _is_records_artifact(src):
             yield from _artifact_records(src.rstrip("/"))
         elif os.path.isdir(src):
             names = sorted(n for n in os.listdir(src) if n.endswith((".jsonl", ".json")))
             yield from _jsonl_records([os.path.join(src, n) for n in names], skipped)
+        elif "://" in src and _remote_isdir(src):
+            yield from _jsonl_records(_remote_files(src), skipped)
         else:
             yield from _jsonl_records([src], skipped)
+
+
+def _remote_isdir(url: str) -> bool:
+    import fsspec
+
+    from storage.urls import fs_options
+
+    fs, path = fsspec.core.url_to_fs(url, **fs_options(url))
+    try:
+        return bool(fs.isdir(path))
+    except OSError:
+        return False  # opening it as a file gives the clear error
+
+
+def _remote_files(url: str) -> list[str]:
+    """The .jsonl / .json files directly in a remote directory, sorted, as URLs."""
+    import fsspec
+
+    from storage.urls import fs_options
+
+    fs, path = fsspec.core.url_to_fs(url, **fs_options(url))
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".jsonl", ".json")))
+    return [fs.unstrip_protocol(p) for p in names]
 
 
 def _is_records_artifact(url: str) -> bool:
