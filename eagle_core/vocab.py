@@ -3,7 +3,8 @@
 Notation: V target vocab size, Vd draft vocab size (N).
 
 - Counts: a bincount [V] over the target ids at loss-masked positions only, streamed over
-  the tokenize shards batch by batch (numpy, no per-token Python).
+  the tokenize shards row group by row group: only `input_ids` and `loss_mask` are decoded,
+  flattened zero-copy into numpy (`storage.shards.iter_flat_lists`), no per-row Python.
 - Choice: the Vd most frequent ids; ties go to the lower id; if fewer than Vd distinct ids
   were seen, the smallest unseen ids fill the rest (they are never predicted, but the
   draft head keeps its configured size).
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from eagle_core.errors import ConfigError, DataError, ModelMismatchError
 from storage import ArtifactStore, StageRef
-from storage.shards import iter_batches
+from storage.shards import iter_flat_lists
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,40 @@ class VocabMap:
         return cls.load(store.local_copy(ref, VOCAB_FILE, tmpdir))
 
 
+def add_masked_counts(
+    counts: np.ndarray, ids: np.ndarray, mask: np.ndarray, where: str = "tokens"
+) -> None:
+    """counts[t] += number of positions with ids == t and mask != 0 (in place).
+
+    Args:
+        counts: int64 [V], updated in place.
+        ids: integer [N] flattened target ids.
+        mask: integer or bool [N] flattened loss mask (nonzero = counted).
+
+    Raises:
+        DataError: lengths differ, or an id outside [0, V) (tokenized for another vocab).
+    """
+    if ids.shape != mask.shape:
+        raise DataError(
+            f"{where}: input_ids and loss_mask lengths differ ({ids.shape[0]} vs {mask.shape[0]})",
+            fix="re-run the tokenize stage",
+        )
+    picked = ids[mask if mask.dtype == np.bool_ else mask != 0]
+    if not picked.size:
+        return
+    lo, hi = int(picked.min()), int(picked.max())
+    if lo < 0 or hi >= counts.shape[0]:
+        raise DataError(
+            f"{where}: token id {lo if lo < 0 else hi} outside the vocab size {counts.shape[0]}",
+            fix="tokenize with the target's tokenizer, or set target_vocab_size",
+        )
+    counts += np.bincount(picked, minlength=counts.shape[0])
+
+
 def count_masked_tokens(
     batches: Iterable[pa.RecordBatch], vocab_size: int, where: str = "tokens"
 ) -> np.ndarray:
-    """Frequencies of target ids at loss_mask == 1. Returns int64 [V].
+    """Frequencies of target ids at loss_mask != 0 over record batches. Returns int64 [V].
 
     Raises:
         DataError: an id outside [0, V) (the data was tokenized for another vocab).
@@ -148,17 +179,20 @@ def count_masked_tokens(
     for batch in batches:
         ids = batch.column("input_ids").flatten().to_numpy(zero_copy_only=False)
         mask = batch.column("loss_mask").flatten().to_numpy(zero_copy_only=False)
-        if ids.shape != mask.shape:
-            raise DataError(
-                f"{where}: input_ids and loss_mask lengths differ", fix="re-run the tokenize stage"
-            )
-        picked = ids[mask.astype(bool)].astype(np.int64)
-        if picked.size and (picked.min() < 0 or picked.max() >= vocab_size):
-            raise DataError(
-                f"{where}: token id {int(picked.max())} outside the vocab size {vocab_size}",
-                fix="tokenize with the target's tokenizer, or set target_vocab_size",
-            )
-        counts += np.bincount(picked, minlength=vocab_size)
+        add_masked_counts(counts, ids, mask, where)
+    return counts
+
+
+def count_artifact_tokens(store: ArtifactStore, ref: StageRef, vocab_size: int) -> np.ndarray:
+    """Frequencies of target ids at loss_mask != 0 over a tokenize artifact. int64 [V].
+
+    The fast path: only `input_ids` and `loss_mask` are decoded, row group by row group,
+    straight into numpy (no per-row Python objects), then one masked bincount per row group.
+    """
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for part in iter_flat_lists(store, ref, ["input_ids", "loss_mask"]):
+        where = f"{ref.url}/{part.shard}"
+        add_masked_counts(counts, part.values["input_ids"], part.values["loss_mask"], where)
     return counts
 
 
@@ -252,8 +286,7 @@ def scan_vocab(
         )
     counts = np.zeros(v, dtype=np.int64)
     for i, ref in enumerate(refs):
-        batches = iter_batches(store, ref, columns=["input_ids", "loss_mask"], batch_size=8192)
-        counts += count_masked_tokens(batches, v, where=ref.url)
+        counts += count_artifact_tokens(store, ref, v)
         if progress:
             progress(i + 1, len(refs))
     if not counts.any():

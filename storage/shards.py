@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import queue
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,21 +281,50 @@ def iter_flat_lists(
     if not columns:
         raise ArtifactError("iter_flat_lists got no columns", fix="name the list columns")
     names = list(names) if names is not None else store.list_files(ref, suffix=".parquet")
-    tasks = [(name, rg) for name in names for rg in range(_num_row_groups(store, ref, name))]
-    if not prefetch:
-        for name, rg in tasks:
-            yield _read_flat(store, ref, name, rg, columns)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flat-lists") as pool:
-        pending: Future[FlatLists] | None = None
-        for i, (name, rg) in enumerate(tasks):
-            current = pending or pool.submit(_read_flat, store, ref, name, rg, columns)
-            pending = (
-                pool.submit(_read_flat, store, ref, *tasks[i + 1], columns)
-                if (i + 1 < len(tasks))
-                else None
-            )
-            yield current.result()
+    parts = _flat_parts(store, ref, names, list(columns))
+    yield from _prefetched(parts) if prefetch else parts
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
+    """Iterate `items` one step ahead in a background thread (exceptions are re-raised here;
+    an abandoned iteration stops the thread at its next step)."""
+    q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+            put((_END, exc))
+
+    worker = threading.Thread(target=produce, name="flat-lists", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 @contextlib.contextmanager
@@ -308,23 +338,24 @@ def _parquet_file(store: ArtifactStore, ref: StageRef, name: str) -> Iterator[pq
         yield pq.ParquetFile(fh, pre_buffer=True)
 
 
-def _num_row_groups(store: ArtifactStore, ref: StageRef, name: str) -> int:
-    with _parquet_file(store, ref, name) as pf:
-        return pf.metadata.num_row_groups
+def _flat_parts(
+    store: ArtifactStore, ref: StageRef, names: list[str], columns: list[str]
+) -> Iterator[FlatLists]:
+    for name in names:
+        where = f"{ref.url}/{name}"
+        with _parquet_file(store, ref, name) as pf:
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise ArtifactError(
+                    f"{where} has no column(s) {missing} (it has {pf.schema_arrow.names})",
+                    fix="read an artifact of the stage that writes these columns",
+                )
+            for rg in range(pf.metadata.num_row_groups):
+                table = pf.read_row_group(rg, columns=columns, use_threads=True)
+                yield _flatten(table, columns, name, rg, where)
 
 
-def _read_flat(
-    store: ArtifactStore, ref: StageRef, name: str, rg: int, columns: Sequence[str]
-) -> FlatLists:
-    where = f"{ref.url}/{name}"
-    with _parquet_file(store, ref, name) as pf:
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
-        if missing:
-            raise ArtifactError(
-                f"{where} has no column(s) {missing} (it has {pf.schema_arrow.names})",
-                fix="read an artifact of the stage that writes these columns",
-            )
-        table = pf.read_row_group(rg, columns=list(columns), use_threads=True)
+def _flatten(table: pa.Table, columns: list[str], name: str, rg: int, where: str) -> FlatLists:
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
     for c in columns:

@@ -4,6 +4,7 @@ write_parquet dictionary-encodes list columns. Every test runs on a local root a
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -125,3 +126,15 @@ def test_write_parquet_dictionary_encodes_list_columns(store: ArtifactStore) -> 
         assert cols[leaf].statistics is not None and cols[leaf].statistics.has_min_max
     assert cols["input_ids.list.element"].statistics.max == 2
     assert "RLE_DICTIONARY" not in cols["h"].encodings and cols["h"].statistics is None
+
+
+def test_abandoned_prefetch_stops_its_thread(store: ArtifactStore) -> None:
+    rng = np.random.default_rng(1)
+    ids, mask = _rows(rng, 12)
+    _publish_raw(store, {"shard-00000.parquet": pa.table({"input_ids": ids, "loss_mask": mask},
+                                                         schema=SCHEMA)}, rg_rows=2)  # fmt: skip
+    it = iter_flat_lists(store, store.ref("tokenize", "k"), ["input_ids", "loss_mask"])
+    first = next(it)
+    assert first.rows == 2 and first.values["input_ids"].tolist() == sum(ids[:2], [])
+    it.close()  # the consumer stops early: the reader thread must not linger
+    assert not [t for t in threading.enumerate() if t.name == "flat-lists"]
