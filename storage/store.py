@@ -47,8 +47,10 @@ from storage.urls import (
     OBJECT_STORE_PROTOCOLS,
     fs_options,
     has_credentials,
+    install_log_redaction,
     redact_obj,
     redact_url,
+    url_secrets,
 )
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,9 @@ class ArtifactStore:
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, a profile, "
                 f"an instance role; ${ENV_S3_ENDPOINT} for MinIO)",
             )
+        if has_credentials(root):
+            # e.g. an http root with user:password: fsspec's own debug lines print the URL
+            install_log_redaction(url_secrets(root))
         try:
             self.fs, path = fsspec.core.url_to_fs(root, **opts)
         except (ValueError, ImportError) as exc:

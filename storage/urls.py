@@ -168,7 +168,7 @@ def install_log_redaction(secrets: Iterable[str] = ()) -> None:
     """Redact URLs (and these literal secrets) in the message of every log record this
     process creates from now on, whichever handler (console, Prefect API, pytest) gets it.
 
-    Idempotent; later calls add secrets. Only the message is redacted (not a traceback).
+    Idempotent; later calls add secrets. The message and a logged traceback are redacted.
     """
     for s in secrets:
         if s and s not in _LOG_SECRETS:
@@ -181,6 +181,11 @@ def install_log_redaction(secrets: Iterable[str] = ()) -> None:
         record = old(*args, **kwargs)
         if type(record) is logging.LogRecord:
             record.__class__ = _RedactingRecord
+        if record.exc_info and not record.exc_text:
+            # formatters reuse a set exc_text: the traceback text is redacted once, here
+            record.exc_text = redact_text(
+                logging.Formatter().formatException(record.exc_info), _LOG_SECRETS
+            )
         return record
 
     factory._eagle_redacting = True  # type: ignore[attr-defined]
