@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_llama import tiny_llama_config
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from eagle_core.capture import (
     HiddenCapture,
@@ -23,15 +24,7 @@ N = 8
 @pytest.fixture(scope="module")
 def target() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=80,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=N,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(tiny_llama_config(80, num_hidden_layers=N)).eval()
 
 
 def test_default_ids() -> None:

@@ -8,7 +8,8 @@ import os
 import pyarrow as pa
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from eagle_core.capture import capture_states, target_head_weight
 from eagle_core.draft import DraftConfig, build_draft
@@ -32,15 +33,7 @@ LENGTHS = [7, 12, 3, 9, 12, 5]
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
+    cfg = tiny_llama_config(V, hidden_size=H, initializer_range=0.2)
     path = str(tmp_path_factory.mktemp("target"))
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -172,14 +165,7 @@ def test_foreign_tokens_and_targets_are_refused(tmp_path, target_dir: str) -> No
     check_compatible(meta, model.config, (1, 3, 4))
     with pytest.raises(ModelMismatchError, match="layers"):
         check_compatible(meta, model.config, (1, 2, 4))
-    other = LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=9,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    other = tiny_llama_config(V, hidden_size=H, num_hidden_layers=9)
     with pytest.raises(ModelMismatchError, match="config hash"):
         check_compatible(meta, other, (1, 3, 4))
 

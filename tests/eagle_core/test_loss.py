@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama_config
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from eagle_core.capture import capture_states, target_head_weight
@@ -28,16 +29,7 @@ V, H, T = 90, 32, 14
 @pytest.fixture(scope="module")
 def target() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(tiny_llama_config(V, hidden_size=H, initializer_range=0.2)).eval()
 
 
 def _vocab_map(vd: int, seed: int = 3):

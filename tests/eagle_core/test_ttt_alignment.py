@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from eagle_core.capture import capture_states
 from eagle_core.draft import DraftConfig, DraftKVCache, build_draft
@@ -19,16 +20,7 @@ V, T, K = 96, 12, 5
 
 def _target(rope: dict | None = None) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_parameters=rope,
-    )
+    cfg = tiny_llama_config(V, max_position_embeddings=64, rope_parameters=rope)
     return LlamaForCausalLM(cfg).eval()
 
 
