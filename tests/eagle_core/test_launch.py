@@ -4,6 +4,7 @@ starts, and real 2-process DeepSpeed runs (deepspeed launcher and torchrun) on g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -11,19 +12,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import (
-    make_samples,
-    make_tiny_target,
-    publish_corrupt_hidden,
-    publish_hidden,
-    publish_tokens,
-)
+from train_helpers import make_samples, publish_corrupt_hidden, train_config, train_inputs
 
 from eagle_core import launch
 from eagle_core.errors import ConfigError, TrainingError
 from eagle_core.launch import build_command, hostfile_slots, launch_training, run_command
 from eagle_core.metrics import read_metrics
-from eagle_core.train import FINAL_WEIGHTS, TrainConfig
+from eagle_core.train import FINAL_WEIGHTS
 from storage import ArtifactStore
 
 
@@ -94,29 +89,10 @@ def test_failure_names_the_rank_that_failed_first(tmp_path):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    base = tmp_path_factory.mktemp("launch")
-    target = make_tiny_target(str(base / "target"))
-    store = ArtifactStore(str(base / "inputs"))
-    tokens = publish_tokens(store, make_samples(48, seed=7))
-    hidden = publish_hidden(store, tokens, target)
-    return {"target": target, "hidden": hidden, "store": store}
+    return train_inputs(tmp_path_factory.mktemp("launch"))
 
 
-def _cfg(inputs: dict, root: str, **kw) -> TrainConfig:
-    base = dict(
-        store=root,
-        target=inputs["target"],
-        data=(inputs["hidden"].url,),
-        steps=6,
-        batch_size=2,
-        lr=1e-2,
-        ttt_steps=3,
-        heldout_fraction=0.2,
-        log_every=1,
-        seed=5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = functools.partial(train_config, steps=6, seed=5)  # the launch runs: 6 steps, seed 5
 
 
 def _no_process(*_a, **_k):

@@ -20,14 +20,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import (
-    REPO,
-    make_samples,
-    make_tiny_target,
-    publish_corrupt_hidden,
-    publish_hidden,
-    publish_tokens,
-)
+from train_helpers import REPO, make_samples, publish_corrupt_hidden, train_config, train_inputs
 
 from eagle_core import checkpoint as ckpt
 from eagle_core.errors import ConfigError, TrainingError
@@ -47,40 +40,17 @@ from storage import ArtifactStore
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny target, its token shards and real extract_hidden shards (48 samples)."""
+    """A tiny target, its token shards, real extract_hidden shards (48 samples), a vocab map."""
     base = tmp_path_factory.mktemp("train")
-    target = make_tiny_target(str(base / "target"))
-    store = ArtifactStore(str(base / "inputs"))
-    tokens = publish_tokens(store, make_samples(48, seed=7))
-    hidden = publish_hidden(store, tokens, target)
+    inputs = train_inputs(base)
     from eagle_core.vocab import VocabConfig, scan_vocab
 
-    vocab = scan_vocab(store, tokens, VocabConfig(draft_vocab_size=40, target_vocab_size=96))
+    vocab_cfg = VocabConfig(draft_vocab_size=40, target_vocab_size=96)
     return {
-        "target": target,
-        "tokens": tokens,
-        "hidden": hidden,
-        "store": store,
+        **inputs,
         "base": base,
-        "vocab": vocab,
+        "vocab": scan_vocab(inputs["store"], inputs["tokens"], vocab_cfg),
     }
-
-
-def _cfg(inputs: dict, root: str, **kw) -> TrainConfig:
-    base = dict(
-        store=root,
-        target=inputs["target"],
-        data=(inputs["hidden"].url,),
-        steps=8,
-        batch_size=2,
-        lr=1e-2,
-        ttt_steps=3,
-        heldout_fraction=0.2,
-        log_every=1,
-        seed=3,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -113,7 +83,7 @@ def test_config_json_round_trip_and_unknown_fields():
 
 def test_key_ignores_how_a_run_is_observed(data: dict, tmp_path):
     store = ArtifactStore(str(tmp_path))
-    cfg = _cfg(data, str(tmp_path))
+    cfg = train_config(data, str(tmp_path))
     same = dataclasses.replace(cfg, checkpoint_every=3, eval_every=2, log_every=5, store="/x")
     assert train_key(store, cfg) == train_key(store, same)
     assert train_key(store, cfg) != train_key(store, dataclasses.replace(cfg, lr=2e-2))
@@ -165,7 +135,7 @@ def test_online_and_offline_give_the_same_loss(data: dict):
     from eagle_core.train_data import ShardDataset, collate
 
     store = data["store"]
-    offline = _cfg(data, store.root)
+    offline = train_config(data, store.root)
     online = dataclasses.replace(offline, mode="online", data=(data["tokens"].url,))
     dev = torch.device("cpu")
     set_off = build_models(store, offline, resolve_inputs(store, offline), dev)
@@ -201,7 +171,7 @@ def test_online_and_offline_give_the_same_loss(data: dict):
 def test_inline_run_lowers_the_loss_and_publishes(data: dict, tmp_path, kind: str, mode: str):
     src = data["hidden"] if mode == "offline" else data["tokens"]
     vocab = data["vocab"].url if kind == "eagle3" else None  # a real scan_vocab map (Vd=40)
-    cfg = _cfg(
+    cfg = train_config(
         data,
         str(tmp_path),
         vocab_map=vocab,
@@ -258,7 +228,7 @@ def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(data: d
     from eagle_core.train_data import ShardDataset, plan_epoch
 
     store = data["store"]
-    cfg = _cfg(data, str(tmp_path), heldout_fraction=0.0, steps=24, checkpoint_every=1)
+    cfg = train_config(data, str(tmp_path), heldout_fraction=0.0, steps=24, checkpoint_every=1)
     # corrupting a sample changes values, not the layout: find the sample read at step 5
     probe = publish_corrupt_hidden(store, data["hidden"], make_samples(48, seed=7)[0]["sample_id"])
     ds = ShardDataset(store, [probe], hidden=False)
@@ -289,7 +259,7 @@ def test_nan_loss_stops_naming_the_samples_and_keeps_the_last_checkpoint(data: d
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(data: dict, tmp_path, caplog, capsys):
     killed_root, clean_root = str(tmp_path / "killed"), str(tmp_path / "clean")
-    cfg = _cfg(
+    cfg = train_config(
         data, killed_root, steps=8, checkpoint_every=2, heldout_fraction=0.0, keep_checkpoints=3
     )
     store = ArtifactStore(killed_root)
@@ -364,7 +334,7 @@ def test_s3_run_uploads_checkpoints_and_resumes_on_a_fresh_machine(
     from eagle_core.train import train_main
 
     monkeypatch.setenv("EAGLE_TRAIN_STAGING", str(tmp_path / "machine-1"))
-    cfg = _cfg(data, s3_root, steps=8, checkpoint_every=4, heldout_fraction=0.0)
+    cfg = train_config(data, s3_root, steps=8, checkpoint_every=4, heldout_fraction=0.0)
     assert train_main(cfg, stop_after_step=4) is None  # "crashed" right after step 4
     store = ArtifactStore(s3_root)
     key = train_key(store, cfg)

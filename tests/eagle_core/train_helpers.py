@@ -8,12 +8,18 @@ extract_hidden stage, so training reads exactly what the pipeline writes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tiny_llama import tiny_llama_config
 
 from storage import ArtifactStore, StageRef
 from storage.shards import build_table, write_parquet
+
+if TYPE_CHECKING:
+    from eagle_core.train import TrainConfig
 
 # the DeepSpeed shm comm op is JIT-built once (~60 s) and cached here (the Makefile sets the same)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,16 +31,11 @@ VOCAB = 96
 
 def make_tiny_target(out_dir: str, seed: int = 0) -> str:
     """A seeded random 8-layer Llama (H=32, 4 heads, 2 kv heads, V=96) saved to `out_dir`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = tiny_llama_config(
+        VOCAB,
         max_position_embeddings=128,
         tie_word_embeddings=False,
         initializer_range=0.3,  # peaked target distributions: a draft can learn them quickly
@@ -115,3 +116,38 @@ def publish_corrupt_hidden(store: ArtifactStore, hidden: StageRef, bad_id: str) 
         w.meta.update(manifest.meta)
         w.counts.update(samples=len(rows))
     return store.ref("extract_hidden", key)
+
+
+def train_inputs(base: Path) -> dict[str, Any]:
+    """A tiny target, 48 samples' token shards and their real extract_hidden shards under `base`.
+
+    Returns:
+        {"target": target dir, "store": the inputs' ArtifactStore, "tokens": tokenize ref,
+        "hidden": extract_hidden ref}.
+    """
+    target = make_tiny_target(str(base / "target"))
+    store = ArtifactStore(str(base / "inputs"))
+    tokens = publish_tokens(store, make_samples(48, seed=7))
+    hidden = publish_hidden(store, tokens, target)
+    return {"target": target, "store": store, "tokens": tokens, "hidden": hidden}
+
+
+def train_config(inputs: dict[str, Any], root: str, **kw: Any) -> TrainConfig:
+    """A small offline TrainConfig over `inputs["hidden"]` (8 steps, batch 2, 3 TTT steps,
+    20% held out); `kw` overrides any field."""
+    from eagle_core.train import TrainConfig
+
+    base: dict[str, Any] = dict(
+        store=root,
+        target=inputs["target"],
+        data=(inputs["hidden"].url,),
+        steps=8,
+        batch_size=2,
+        lr=1e-2,
+        ttt_steps=3,
+        heldout_fraction=0.2,
+        log_every=1,
+        seed=3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
