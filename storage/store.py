@@ -177,6 +177,12 @@ class ArtifactStore:
                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, a profile, "
                 f"an instance role; ${ENV_S3_ENDPOINT} for MinIO)",
             )
+        if protocol not in ("file", "local") and "?" in root.partition("://")[2]:
+            raise StoreError(
+                f"artifact root {redact_url(root)} has a query string",
+                fix="drop it: artifact paths <root>/<stage>/<key> are appended to the root, "
+                "so a query cannot stay at its end; give credentials through the environment",
+            )
         if has_credentials(root):
             # e.g. an http root with user:password: fsspec's own debug lines print the URL
             install_log_redaction(url_secrets(root))
