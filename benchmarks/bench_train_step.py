@@ -1,17 +1,23 @@
 """A training step of the real loop (data + step + logging) vs the draft's own forward+backward.
 
-Both sides train the same EAGLE-3 draft (same target, config, seed, batches) on the demo
-target's hidden-state shards:
+Both sides train the same EAGLE-3 draft (same target, config, seed, batches, TTT settings —
+`cfg.ttt()`, so both recompute each step's logits in backward: `checkpoint_head=True`) on the
+demo target's hidden-state shards, INTERLEAVED step by step in one process:
 - real: `eagle_core.launch.launch_training(..., launcher="inline")`, i.e. the pipeline's own
   loop: read + collate the batch from the Parquet shards, DeepSpeed engine forward / backward
   / step, grad-norm check, step statistics, tqdm, a metrics.jsonl record EVERY step
-  (log_every=1, the most logging the loop does). A step's time is the interval between two
-  consecutive metrics records, so it includes everything the loop does per step.
+  (log_every=1, the most logging the loop does).
 - bare: the same batches collated and moved to tensors BEFORE timing, then per step
   `compute_loss` + `backward` + grad clipping + `torch.optim.AdamW.step` — nothing else.
-Step i of both sides sees the same batch, so per-step times are paired; the figure is the
-median of the paired ratios (and the ratio of the medians, for reference). The first
-`--warmup` steps of both are dropped. Sides alternate `--repeats` times.
+
+Interleaving: right after the real loop writes the metrics record of step s, the bare side
+runs its step s (on the batch real step s used) inside that call; then the real loop goes on.
+Real step s is the time from the end of bare step s-1 to the record of step s, so it holds
+everything the loop does for one step and none of the bare side's work; machine load hits
+both sides of a pair alike. The figure is the median of the paired ratios real[s] / bare[s]
+(and the ratio of the medians, for reference); steps <= `--warmup` are dropped. Where the time
+goes is recorded too: the real step split into data wait / engine forward / backward / step /
+the rest, the bare one into forward / backward / optimizer.
 Target: real <= 1.2x bare.
 
 Run: .venv/bin/python -m benchmarks.bench_train_step --target <demo target artifact URL>
@@ -19,46 +25,139 @@ Run: .venv/bin/python -m benchmarks.bench_train_step --target <demo target artif
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import copy
 import dataclasses
+import functools
+import os
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 import eagle_core.train as train_mod
-from benchmarks.bench_quality import parser, start
+from benchmarks.bench_quality import (
+    Budget,
+    add_common_args,
+    budget_from_args,
+    prepare,
+    resolve_target,
+    setup_logging,
+)
 from benchmarks.measure import save
 from eagle_core.launch import launch_training
 from eagle_core.loss import compute_loss
 from eagle_core.metrics import MetricsLogger
 from eagle_core.train import TrainConfig, build_models, resolve_inputs, to_draft_batch
-from eagle_core.train_data import ShardDataset, collate
+from eagle_core.train_data import BatchPrefetcher, ShardDataset, collate
 from storage import ArtifactStore
 
+# the real step's phases: what the loop calls, by label
+REAL_PHASES = ("data", "forward", "backward", "optimizer")
+BARE_PHASES = ("forward", "backward", "optimizer")
 
-class _TimedLogger(MetricsLogger):
-    """The loop's own metrics logger, noting when each train record was written."""
 
-    stamps: list[float] = []
+@contextlib.contextmanager
+def timed_phases(sink: dict[str, float]) -> Iterator[None]:
+    """Add the seconds spent in the real loop's data wait and DeepSpeed engine calls to `sink`."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    targets = [
+        (BatchPrefetcher, "__next__", "data"),
+        (DeepSpeedEngine, "forward", "forward"),
+        (DeepSpeedEngine, "backward", "backward"),
+        (DeepSpeedEngine, "step", "optimizer"),
+    ]
+    originals = []
+    for owner, name, label in targets:
+        fn = owner.__dict__[name]
+
+        def wrapper(*a: Any, _fn: Callable = fn, _label: str = label, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                sink[_label] += time.perf_counter() - t0
+
+        functools.update_wrapper(wrapper, fn)
+        originals.append((owner, name, fn))
+        setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+class BareSide:
+    """The draft's own forward + backward + clip + AdamW on preloaded batches."""
+
+    def __init__(self, setup: Any, cfg: TrainConfig, batches: list[Any]) -> None:
+        torch.manual_seed(cfg.seed)
+        self.draft = copy.deepcopy(setup.draft).train()
+        self.head, self.batches, self.cfg, self.ttt = setup.head, batches, cfg, cfg.ttt()
+        self.params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0
+        )
+
+    def step(self, i: int) -> dict[str, float]:
+        """Train on batch i; seconds per phase and in total."""
+        t0 = time.perf_counter()
+        out = compute_loss(self.draft, self.batches[i], self.head, self.ttt)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+
+
+class _PairedLogger(MetricsLogger):
+    """The loop's own metrics logger; after each train record, the bare side's step runs."""
+
+    on_train_record: Callable[[int], None] | None = None
 
     def log(self, record: dict[str, Any]) -> None:
         super().log(record)
-        if record.get("kind") == "train":
-            _TimedLogger.stamps.append(time.perf_counter())
+        hook = _PairedLogger.on_train_record
+        if record.get("kind") == "train" and hook is not None:
+            hook(int(record["step"]))
 
 
-def real_loop(cfg: TrainConfig) -> list[float]:
-    """Per-step seconds of the pipeline's training loop (intervals between train records)."""
-    _TimedLogger.stamps = []
+def paired_run(cfg: TrainConfig, bare: BareSide) -> list[dict[str, Any]]:
+    """One real training run with a bare step after each real one; per step s >= 2:
+    {"step", "real": {phase: s, "total": s}, "bare": {phase: s, "total": s}}."""
+    sink: dict[str, float] = defaultdict(float)
+    rows: list[dict[str, Any]] = []
+    mark: list[float] = []  # end of the previous bare step
+
+    def hook(step: int) -> None:
+        now = time.perf_counter()
+        real = {p: sink[p] for p in REAL_PHASES}
+        real["total"] = now - mark[0] if mark else float("nan")
+        b = bare.step(step - 1)  # real step s trained on plan batch s-1
+        if mark:
+            rows.append({"step": step, "real": real, "bare": b})
+        sink.clear()
+        mark[:] = [time.perf_counter()]
+
+    _PairedLogger.on_train_record = hook
     original = train_mod.MetricsLogger
-    train_mod.MetricsLogger = _TimedLogger  # type: ignore[misc]
+    train_mod.MetricsLogger = _PairedLogger  # type: ignore[misc]
     try:
-        launch_training(cfg, 1, launcher="inline", force=True)
+        with timed_phases(sink):
+            launch_training(cfg, 1, launcher="inline", force=True)
     finally:
         train_mod.MetricsLogger = original  # type: ignore[misc]
-    s = _TimedLogger.stamps
-    return [b - a for a, b in zip(s, s[1:], strict=False)]  # interval i = step i+2
+        _PairedLogger.on_train_record = None
+    return rows
 
 
 def preload(store: ArtifactStore, cfg: TrainConfig) -> tuple[Any, list[Any]]:
@@ -79,33 +178,22 @@ def preload(store: ArtifactStore, cfg: TrainConfig) -> tuple[Any, list[Any]]:
     return setup, batches
 
 
-def bare_loop(setup: Any, cfg: TrainConfig, batches: list[Any]) -> list[float]:
-    """Per-step seconds of forward + backward + clip + AdamW step on preloaded batches."""
-    torch.manual_seed(cfg.seed)
-    draft = setup.draft
-    draft.train()
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0)
-    ttt = cfg.ttt()
-    times = []
-    for batch in batches:
-        t0 = time.perf_counter()
-        out = compute_loss(draft, batch, setup.head, ttt)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return times
+def _median(rows: list[dict[str, Any]], side: str, phase: str) -> float:
+    return statistics.median(r[side][phase] for r in rows)
 
 
 def main() -> None:
-    ap = parser(__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     ap.add_argument("--bench-steps", type=int, default=12, help="steps per timed run")
     ap.add_argument("--warmup", type=int, default=2, help="first steps dropped")
-    ap.add_argument("--repeats", type=int, default=1)
-    run = start(ap.parse_args())
-    store, data, budget, target, args = run.store, run.data, run.budget, run.target, run.args
+    ap.add_argument("--repeats", type=int, default=1, help="real training runs (fresh each)")
+    args = ap.parse_args()
+    setup_logging()
+    budget: Budget = budget_from_args(args)
+    store = ArtifactStore(args.store)
+    target = resolve_target(store, args.target)
+    data = prepare(store, target, budget)
     n = args.bench_steps
     cfg = TrainConfig(
         store=store.root,
@@ -119,47 +207,53 @@ def main() -> None:
         log_every=1,
         seed=0,
     )
-    reals: list[list[float]] = []
-    bares: list[list[float]] = []
+    setup, batches = preload(store, cfg)
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
     for _ in range(args.repeats):
-        # real first: its intervals start at step 2, aligned below
-        reals.append(real_loop(cfg))
-        setup, batches = preload(store, cfg)
-        bares.append(bare_loop(setup, cfg, batches))
-    w = args.warmup
-    ratios, real_all, bare_all = [], [], []
-    for real, bare in zip(reals, bares, strict=True):
-        # real[i] is the interval ending at step i+2, i.e. the time of step i+2 (index i+1)
-        for i, r in enumerate(real):
-            step = i + 1
-            if step < w or step >= len(bare):
-                continue
-            ratios.append(r / bare[step])
-            real_all.append(r)
-            bare_all.append(bare[step])
-    med_real, med_bare = statistics.median(real_all), statistics.median(bare_all)
+        rows += [
+            r for r in paired_run(cfg, BareSide(setup, cfg, batches)) if r["step"] > args.warmup
+        ]
+    load_after = os.getloadavg()
+    ratios = [r["real"]["total"] / r["bare"]["total"] for r in rows]
     ratio = statistics.median(ratios)
+    med_real, med_bare = _median(rows, "real", "total"), _median(rows, "bare", "total")
+    real_phases = {p: _median(rows, "real", p) for p in REAL_PHASES}
+    real_phases["rest"] = statistics.median(
+        r["real"]["total"] - sum(r["real"][p] for p in REAL_PHASES) for r in rows
+    )
+    bare_phases = {p: _median(rows, "bare", p) for p in BARE_PHASES}
     tokens = sum(int(b.attention_mask.sum()) for b in batches) / len(batches)
-    rows = [
+    out_rows = [
         {"side": "bare forward+backward+AdamW (preloaded)", "median_step_s": med_bare},
         {"side": "real loop (data+DeepSpeed step+logging)", "median_step_s": med_real},
         {"side": "ratio (median of paired steps)", "median_step_s": ratio},
     ]
     save(
         "train_step",
-        rows,
+        out_rows,
         command="python -m benchmarks.bench_train_step --target " + target,
         target_model=target,
         ratio=ratio,
         ratio_of_medians=med_real / med_bare,
         target="real step <= 1.2x bare",
         met=ratio <= 1.2,
+        method="interleaved: bare step s runs right after real step s, same batch",
+        real_phases_median_s=real_phases,
+        bare_phases_median_s=bare_phases,
+        per_step=[
+            {"step": r["step"], "real_s": r["real"]["total"], "bare_s": r["bare"]["total"]}
+            for r in rows
+        ],
+        load_avg_1_5_15_before=list(load_before),
+        load_avg_1_5_15_after=list(load_after),
         steps_per_run=n,
-        warmup_dropped=w,
+        warmup_dropped=args.warmup,
         repeats=args.repeats,
         paired_steps=len(ratios),
         batch_size=budget.batch_size,
         mean_tokens_per_batch=tokens,
+        checkpoint_head=cfg.ttt().checkpoint_head,
         train_config={k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data",)},
     )
 

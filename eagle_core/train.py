@@ -50,6 +50,7 @@ from eagle_core import checkpoint as ckpt
 from eagle_core.errors import ConfigError, DataError, ModelMismatchError, TrainingError
 from eagle_core.metrics import METRICS_FILE, MetricsLogger, plot_metrics, read_metrics
 from eagle_core.train_data import (
+    BatchPrefetcher,
     CollatedBatch,
     ShardDataset,
     collate,
@@ -638,8 +639,9 @@ def to_draft_batch(
     from eagle_core.capture import capture_states
     from eagle_core.loss import DraftBatch
 
-    input_ids = batch.input_ids.to(device)
-    attention = batch.attention_mask.to(device)
+    nb = device.type == "cuda"  # the prefetcher pins batches for CUDA: copies run async
+    input_ids = batch.input_ids.to(device, non_blocking=nb)
+    attention = batch.attention_mask.to(device, non_blocking=nb)
     if batch.last_hidden is not None:
         aux, last = batch.aux_hidden, batch.last_hidden
     else:
@@ -652,9 +654,11 @@ def to_draft_batch(
     return DraftBatch(
         input_ids=input_ids,
         attention_mask=attention,
-        loss_mask=batch.loss_mask.to(device),
-        last_hidden=last.to(device=device, dtype=dtype),
-        aux_hidden=aux.to(device=device, dtype=dtype) if cfg.kind == "eagle3" else None,
+        loss_mask=batch.loss_mask.to(device, non_blocking=nb),
+        last_hidden=last.to(device=device, dtype=dtype, non_blocking=nb),
+        aux_hidden=aux.to(device=device, dtype=dtype, non_blocking=nb)
+        if cfg.kind == "eagle3"
+        else None,
     )
 
 
@@ -723,6 +727,46 @@ def _grad_norm(engine: Any) -> float | None:
     if gn is None:
         return None
     return float(gn.item() if isinstance(gn, Tensor) else gn)
+
+
+def _keep_clip_norm(engine: Any) -> bool:
+    """Make DeepSpeed keep the gradient norm it computes when it clips fp32 ZeRO-0 gradients.
+
+    There DeepSpeed clips with `deepspeed.runtime.utils.clip_grad_norm_` and drops the norm it
+    returns, so the loop used to compute the same norm a second time. The engine's clipping
+    method is replaced by the same call that also stores the norm (`engine.eagle_clip_norm`,
+    a 1-element tensor): the gradients and so the training are bit for bit the same.
+    Returns whether it did (DeepSpeed clips that way only with clipping on, fp32, ZeRO-0).
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.gradient_clipping() <= 0.0 or (
+        engine.fp16_enabled()
+        or engine.bfloat16_enabled()
+        or engine.amp_enabled()
+        or engine.zero_optimization()
+    ):
+        return False
+
+    def clip_and_keep_norm() -> None:
+        engine.eagle_clip_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(),
+            max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu,
+        )
+
+    engine.eagle_clip_norm = None
+    engine.clip_fp32_gradients = clip_and_keep_norm
+    return True
+
+
+def _clip_norm(engine: Any) -> float | None:
+    """The norm `_keep_clip_norm` kept at the last optimizer step (then forgets it), or None."""
+    gn = getattr(engine, "eagle_clip_norm", None)
+    if gn is None:
+        return None
+    engine.eagle_clip_norm = None
+    return float(gn.reshape(-1)[0]) if isinstance(gn, Tensor) else float(gn)
 
 
 def _param_grad_norm(engine: Any) -> float | None:
@@ -883,6 +927,12 @@ def train_main(
         lr_scheduler=scheduler,
     )
 
+    if world == 1 and not engine.zero_optimization():
+        # one process: DeepSpeed's gradient all-reduce (flatten every gradient into a buffer,
+        # all-reduce it over the 1-rank group, copy it back) changes nothing; skip it
+        engine.enable_backward_allreduce = False
+    clip_keeps_norm = _keep_clip_norm(engine)
+
     state = ckpt.TrainerState(world_size=world)
     latest = None if force else ckpt.find_latest_complete(run_dir)
     if latest is not None:
@@ -921,6 +971,7 @@ def train_main(
         )
     last_eval: dict[str, Any] | None = None
     last_saved = state.step if latest else -1
+    batches: BatchPrefetcher | None = None
     try:
         if heldout_data is not None and cfg.eval_every and state.step == 0:
             # the untrained draft's numbers: the baseline the curves start from
@@ -931,24 +982,40 @@ def train_main(
             plan = plan0 if state.epoch == 0 else _plan(train_data, cfg, state.epoch, world)
             per_step = world * cfg.grad_accum
             n_steps = len(plan) // per_step
-            for s in range(state.micro_offset // per_step, n_steps):
+            s_first = state.micro_offset // per_step
+            s_end = min(n_steps, s_first + total_steps - state.step)  # steps run this epoch
+            if batches is not None:
+                batches.close()
+            # this rank's micro batches, read and collated one ahead while the step trains
+            batches = BatchPrefetcher(
+                train_data,
+                [
+                    plan[micro_batch_index(s, a, rank, world, cfg.grad_accum)]
+                    for s in range(s_first, s_end)
+                    for a in range(cfg.grad_accum)
+                ],
+                dtype,
+                depth=1,
+                pin_memory=device.type == "cuda",
+            )
+            for s in range(s_first, n_steps):
                 if state.step >= total_steps:
                     break
                 t0 = time.perf_counter()
                 stats = _StepStats()
+                own_norm = None
                 for a in range(cfg.grad_accum):
-                    idx = plan[micro_batch_index(s, a, rank, world, cfg.grad_accum)]
-                    mb = collate([train_data[i] for i in idx], dtype)
+                    mb = next(batches)
                     out = _loss_output(engine(to_draft_batch(mb, setup, cfg, device, dtype)))
                     _check_finite(out, mb, state.step, device)
                     engine.backward(out.loss)
-                    own_norm = None
-                    if a == cfg.grad_accum - 1:
+                    if a == cfg.grad_accum - 1 and not clip_keeps_norm:
                         own_norm = _param_grad_norm(engine)  # grads are all-reduced by now
                     engine.step()
                     stats.add(out, mb)
                 grad_norm = _grad_norm(engine)
-                grad_norm = own_norm if grad_norm is None else grad_norm
+                if grad_norm is None:
+                    grad_norm = _clip_norm(engine) if clip_keeps_norm else own_norm
                 if grad_norm is not None and not math.isfinite(grad_norm):
                     raise TrainingError(
                         f"non-finite gradient norm {grad_norm} at step {state.step + 1} "
@@ -1013,6 +1080,8 @@ def train_main(
             _save(engine, run_dir, state, cfg, store, key, rank)
         sd = _final_state_dict(engine, setup.draft, cfg.zero_stage)
     finally:
+        if batches is not None:
+            batches.close()
         if bar is not None:
             bar.close()
         if metrics is not None:

@@ -26,15 +26,19 @@ The plan is a flat list of micro batches. Optimizer step s consumes micro batche
 W ranks with G accumulation steps sees exactly the samples of a run on 1 rank with W*G
 accumulation steps, step by step; the data position of a checkpoint is (epoch, micro batches
 consumed in that epoch) and does not depend on W.
+
+`BatchPrefetcher` reads and collates a rank's micro batches one ahead, in a background thread,
+so shard reads and padding overlap the training step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -106,6 +110,17 @@ class CollatedBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    def pin_memory(self) -> CollatedBatch:
+        """A copy in page-locked memory: its host-to-GPU copies can run asynchronously."""
+        return replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            attention_mask=self.attention_mask.pin_memory(),
+            loss_mask=self.loss_mask.pin_memory(),
+            aux_hidden=None if self.aux_hidden is None else self.aux_hidden.pin_memory(),
+            last_hidden=None if self.last_hidden is None else self.last_hidden.pin_memory(),
+        )
 
 
 def is_heldout(sample_id: str, fraction: float, seed: int) -> bool:
@@ -336,3 +351,84 @@ def collate(samples: Sequence[Sample], hidden_dtype: torch.dtype) -> CollatedBat
         aux_hidden=aux,
         last_hidden=last,
     )
+
+
+class BatchPrefetcher:
+    """Reads and collates the micro batches of a plan in a background thread, ahead of the step.
+
+    While the training step runs (torch kernels release the GIL), the next micro batch is read
+    from its shard (a row-group cache miss decodes a whole row group), decoded and padded, so
+    that work overlaps the step instead of adding to it. Batches come out in the order given,
+    each equal to `collate([dataset[i] for i in idx], hidden_dtype)`; an error reading a batch
+    (DataError naming the sample) is raised by the `next()` that would have returned it.
+    While the prefetcher is open only its thread may read `dataset` (the row-group cache is
+    not thread-safe).
+
+    Args:
+        dataset: the samples.
+        batches: micro batches (dataset indices) in consumption order.
+        hidden_dtype: dtype of the collated hidden states.
+        depth: micro batches read ahead; 0 reads each in the caller's thread on `next()`.
+        pin_memory: return batches in page-locked memory (for async copies to a GPU).
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        batches: Sequence[Sequence[int]],
+        hidden_dtype: torch.dtype,
+        *,
+        depth: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch depth {depth} is negative")
+        self.dataset, self.hidden_dtype = dataset, hidden_dtype
+        self.depth, self.pin_memory = depth, pin_memory
+        self._todo: Iterator[Sequence[int]] = iter(list(batches))
+        self._ahead: deque[Future[CollatedBatch]] = deque()
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+            if depth > 0
+            else None
+        )
+        self._fill()
+
+    def _load(self, idx: Sequence[int]) -> CollatedBatch:
+        batch = collate([self.dataset[i] for i in idx], self.hidden_dtype)
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def _fill(self) -> None:
+        while self._pool is not None and len(self._ahead) < self.depth:
+            idx = next(self._todo, None)
+            if idx is None:
+                return
+            self._ahead.append(self._pool.submit(self._load, idx))
+
+    def __iter__(self) -> BatchPrefetcher:
+        return self
+
+    def __next__(self) -> CollatedBatch:
+        if self._pool is None:
+            return self._load(next(self._todo))
+        if not self._ahead:
+            raise StopIteration
+        fut = self._ahead.popleft()
+        self._fill()  # queue the next read before waiting: the thread never idles
+        return fut.result()
+
+    def close(self) -> None:
+        """Drop the batches read ahead and stop the thread (waits for a read in progress)."""
+        for fut in self._ahead:
+            fut.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._todo = iter(())  # closed: next() raises StopIteration
+
+    def __enter__(self) -> BatchPrefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
