@@ -402,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="train", help="Hub / dataset-dir split (ignored for plain files)"
     )
     p.add_argument(
-        "--config", default=None, help="Hub dataset config name (`name=` of load_dataset)"
+        "--config",
+        default=None,
+        help="Hub dataset config name (`name=` of load_dataset); like --kind, --split and "
+        "--revision it applies to the sources given as plain strings, not JSON ones",
     )
     p.add_argument(
         "--revision", default=None, help="Hub dataset revision: branch, tag or commit (pin it)"
