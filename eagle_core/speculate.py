@@ -17,6 +17,10 @@ Greedy (temperature 0) output equals plain greedy decoding token for token whate
 draft proposes: a proposal is kept only if it equals the target's argmax after the same
 prefix, and every emitted token is a target argmax. τ (tokens per verify forward) is
 1 + mean(accepted), computed from the counted accept events.
+
+A round cut by the stop (max_new_tokens, or an EOS among its tokens) counts only what it
+emitted: accepted = emitted - 1 for that round, so that 1 (prefill) + Σ (accepted + 1) is
+exactly the number of tokens returned and τ never credits proposals past the stop.
 """
 
 from __future__ import annotations
@@ -356,15 +360,18 @@ def speculative_generate(
             root_h, root_logits = sp.extend_draft(pending_states, toks, first_pos)
             n_verified = len(x) - 1  # draft entries after the extend = target cache length
             if mode == "chain":
-                accepted, states_v = _chain_round(sp, x, root_h, root_logits, cap)
+                accepted, states_v, depth = _chain_round(sp, x, root_h, root_logits, cap)
             else:
-                accepted, states_v = _tree_round(
+                accepted, states_v, depth = _tree_round(
                     sp, x, root_h, root_logits, cap, topk, total_tokens
                 )
             sp.dcache.crop(n_verified)
             pending_states, first_pos = states_v, n_verified
             x += accepted
+            before = len(new)
             new, done = _finish(new + accepted, max_new_tokens, eos)
+            # proposals past the stop were verified but never emitted: not counted
+            _count(sp, min(len(accepted), len(new) - before) - 1, depth)
     sp.res.tokens = new
     sp.res.draft_time_s, sp.res.target_time_s = sp.clock.draft, sp.clock.target
     return sp.res
@@ -372,12 +379,13 @@ def speculative_generate(
 
 def _chain_round(
     sp: _Speculator, x: list[int], root_h: Tensor, root_logits: Tensor, cap: HiddenCapture
-) -> tuple[list[int], TargetStates]:
+) -> tuple[list[int], TargetStates, int]:
     """Draft K tokens in a row, verify them in one forward.
 
     root_h [1, 1, H] / root_logits [1, Vd]: the draft's output at its last verified entry.
-    Returns the emitted tokens (accepted proposals + the target's bonus token) and the
-    target states of the verified positions n-1 .. n-1+accepted ([1, accepted+1, ...]).
+    Returns the emitted tokens (accepted proposals + the target's bonus token), the target
+    states of the verified positions n-1 .. n-1+accepted ([1, accepted+1, ...]) and the
+    proposed depth K (the caller counts the events, after the stop truncation).
     """
     dev, k_steps = sp.device, sp.steps
     r = len(x) - 2  # the chain's root entry (the last verified draft entry)
@@ -427,12 +435,12 @@ def _chain_round(
             break
         if bonus < 0:
             bonus = sp._sample(sp._probs(tlogits[k_steps]))
-    _count(sp, a, k_steps)
     _crop_target_cache(sp.tcache, n + a)  # keep x[0..n-1] and the accepted a
-    return proposals[:a] + [bonus], states.slice(0, a + 1)
+    return proposals[:a] + [bonus], states.slice(0, a + 1), k_steps
 
 
 def _count(sp: _Speculator, accepted: int, proposed_depth: int) -> None:
+    """Record one verify forward: `accepted` emitted proposals out of `proposed_depth`."""
     sp.res.accepted_per_forward.append(accepted)
     for k in range(min(proposed_depth, sp.steps)):
         sp.res.per_position_proposed[k] += 1
@@ -448,9 +456,11 @@ def _tree_round(
     cap: HiddenCapture,
     topk: int,
     total_tokens: int,
-) -> tuple[list[int], TargetStates]:
+) -> tuple[list[int], TargetStates, int]:
     """EAGLE-2 dynamic tree: expand the top-k beams per level, rerank all nodes by cumulative
     log-prob, verify the best `total_tokens` with a tree mask, keep the longest accepted path.
+
+    Returns (emitted tokens, states of the kept rows, the deepest verified node's depth).
     """
     dev, depth_max = sp.device, sp.steps
     r = len(x) - 2
@@ -535,7 +545,6 @@ def _tree_round(
         cur, row = nxt, index_of[nxt]
     bonus = preds[row]
     max_depth = max((depths[i] for i in chosen), default=0)
-    _count(sp, len(path), max_depth)
     keep_rows = [0] + [index_of[i] for i in path]
     keep = torch.tensor(list(range(n - 1)) + [n - 1 + j for j in keep_rows], device=dev)
     _keep_target_cache(sp.tcache, keep)
@@ -543,7 +552,7 @@ def _tree_round(
     kept = TargetStates(
         aux=states.aux.index_select(1, rows_t), last=states.last.index_select(1, rows_t)
     )
-    return [tokens[i] for i in path] + [bonus], kept
+    return [tokens[i] for i in path] + [bonus], kept, max_depth
 
 
 def _select_nodes(
