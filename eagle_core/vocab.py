@@ -155,16 +155,25 @@ def add_masked_counts(
             f"{where}: input_ids and loss_mask lengths differ ({ids.shape[0]} vs {mask.shape[0]})",
             fix="re-run the tokenize stage",
         )
+    v = counts.shape[0]
     picked = ids[mask if mask.dtype == np.bool_ else mask != 0]
     if not picked.size:
         return
-    lo, hi = int(picked.min()), int(picked.max())
-    if lo < 0 or hi >= counts.shape[0]:
+    # one pass for the upper bound (a huge id must not size the bincount); bincount itself
+    # refuses negative ids
+    hi = int(picked.max())
+    bad: int | None = hi if hi >= v else None
+    if bad is None:
+        try:
+            found = np.bincount(picked, minlength=v)
+        except ValueError:
+            bad = int(picked.min())
+    if bad is not None:
         raise DataError(
-            f"{where}: token id {lo if lo < 0 else hi} outside the vocab size {counts.shape[0]}",
+            f"{where}: token id {bad} outside the vocab size {v}",
             fix="tokenize with the target's tokenizer, or set target_vocab_size",
         )
-    counts += np.bincount(picked, minlength=counts.shape[0])
+    counts += found
 
 
 def count_masked_tokens(

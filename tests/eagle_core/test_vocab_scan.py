@@ -132,6 +132,9 @@ def test_out_of_vocab_id_names_the_shard(tmp_path):
     tok = _tokens(store, [[([1, 2], [1, 1])], [([1, V + 5], [0, 1])]])
     with pytest.raises(DataError, match=f"shard-00001.parquet: token id {V + 5} outside"):
         count_artifact_tokens(store, tok, V)
+    neg = _tokens(store, [[([4, -3], [1, 1])]], key="neg")
+    with pytest.raises(DataError, match="shard-00000.parquet: token id -3 outside"):
+        count_artifact_tokens(store, neg, V)
     # an out-of-vocab id where the mask is 0 is not counted, so not an error
     ok = _tokens(store, [[([1, V + 5], [1, 0])]], key="ok")
     assert count_artifact_tokens(store, ok, V).sum() == 1
