@@ -157,11 +157,22 @@ def has_credentials(url: str) -> bool:
 _LOG_SECRETS: list[str] = []
 
 
-class _RedactingRecord(logging.LogRecord):
-    """A LogRecord whose message has its URLs (and the registered secrets) redacted."""
-
-    def getMessage(self) -> str:  # noqa: N802 (logging's name)
-        return redact_text(super().getMessage(), _LOG_SECRETS)
+def _redact_record(record: logging.LogRecord) -> None:
+    """Rewrite a record in place: its message (formatted once, as QueueHandler does) and a
+    logged traceback, redacted. Untouched when there is nothing to redact."""
+    try:
+        msg = record.getMessage()
+    except Exception:  # noqa: BLE001 (a bad format string is logging's error to report)
+        return
+    red = redact_text(msg, _LOG_SECRETS)
+    if red != msg:
+        # msg/args themselves, not only getMessage(): a handler that fails prints them raw
+        record.msg, record.args = red, None
+    if record.exc_info and not record.exc_text:
+        # formatters reuse a set exc_text: the traceback text is redacted once, here
+        record.exc_text = redact_text(
+            logging.Formatter().formatException(record.exc_info), _LOG_SECRETS
+        )
 
 
 def install_log_redaction(secrets: Iterable[str] = ()) -> None:
@@ -179,13 +190,7 @@ def install_log_redaction(secrets: Iterable[str] = ()) -> None:
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = old(*args, **kwargs)
-        if type(record) is logging.LogRecord:
-            record.__class__ = _RedactingRecord
-        if record.exc_info and not record.exc_text:
-            # formatters reuse a set exc_text: the traceback text is redacted once, here
-            record.exc_text = redact_text(
-                logging.Formatter().formatException(record.exc_info), _LOG_SECRETS
-            )
+        _redact_record(record)
         return record
 
     factory._eagle_redacting = True  # type: ignore[attr-defined]

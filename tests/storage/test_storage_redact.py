@@ -132,6 +132,14 @@ def test_install_log_redaction_covers_every_handler(caplog) -> None:
         "reading %s then %s", f"s3://K:{canary}@b/x", f"bare-{canary}"
     )
     assert "reading s3://***@b/x then ***" in caplog.text and canary not in caplog.text
+    # msg/args themselves, not only getMessage(): a handler that fails prints them raw
+    (record,) = [r for r in caplog.records if r.name == "eagle_core.some_stage"]
+    assert canary not in f"{record.msg!r} {record.args!r}"
+    try:
+        raise FileNotFoundError(f"https://u:{canary}@h/x")
+    except FileNotFoundError:
+        logging.getLogger("eagle_core.some_stage").exception("failed")
+    assert "FileNotFoundError: https://***@h/x" in caplog.text and canary not in caplog.text
 
 
 def test_stageref_repr_is_unchanged_without_credentials() -> None:
