@@ -21,6 +21,7 @@ belongs to a span (a, b] (not [a, b)).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -155,8 +156,9 @@ def mask_from_offsets(
     text: str,
     spans: Sequence[tuple[int, int]],
     special_ids: set[int],
-) -> tuple[list[int], int]:
-    """loss_mask [T]: 1 on tokens overlapping a span, and on the end-of-turn token after it.
+) -> tuple[np.ndarray, int]:
+    """loss_mask [T] int8: 1 on tokens overlapping a span, and on the end-of-turn token after
+    it (numpy over the tokens, Python only over spans and the few look-ahead tokens).
 
     Returns (loss_mask, number of spans with no end-of-turn special token after them).
 
@@ -185,7 +187,21 @@ def mask_from_offsets(
             if text[start[j] : end[j]].strip():
                 break
         missing += not found
-    return mask.tolist(), missing
+    return mask, missing
+
+
+def plain_encoder(tokenizer: Any) -> Any:
+    """The Rust tokenizer of a fast transformers tokenizer, with its own truncation and
+    padding off (what `tokenizer(text)` applies by default), or None for a slow one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or (backend.truncation is None and backend.padding is None):
+        return backend
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())  # a copy: never change the caller's
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
 
 
 def encode_batch(
@@ -193,12 +209,53 @@ def encode_batch(
 ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """Token ids (and char offsets) of texts, no special tokens added, in one batched call
     of the Rust backend (the transformers wrapper's per-encoding conversion is skipped)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = plain_encoder(tokenizer)
     if backend is not None:
         encs = backend.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encs], [e.offsets for e in encs] if offsets else []
     out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
     return list(out["input_ids"]), list(out["offset_mapping"]) if offsets else []
+
+
+def flatten_ids(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat ids [N] int32, offsets [K+1] int64) of K id lists: list k is
+    flat[offsets[k]:offsets[k+1]]."""
+    bounds = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=bounds[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(bounds[-1]))
+    return flat, bounds
+
+
+def ranges_to_mask(total: int, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
+    """mask [total] int8: 1 on the union of the half-open ranges [starts[i], stops[i]),
+    empty ranges ignored (a difference array: no per-token Python)."""
+    a = np.asarray(starts, dtype=np.int64)
+    b = np.asarray(stops, dtype=np.int64)
+    keep = b > a
+    diff = np.zeros(total + 1, dtype=np.int32)
+    np.add.at(diff, a[keep], 1)
+    np.add.at(diff, b[keep], -1)
+    return (np.cumsum(diff[:total]) > 0).astype(np.int8)
+
+
+def generation_ranges(encoding: Any, gen_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of `{% generation %}` char spans, exactly as transformers'
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` marks them: from the token
+    holding the span's first char through the token holding its last char (to the end of the
+    sequence if that char has no token, or is in token 0); a span whose first char has no
+    token (e.g. a leading space the offsets trim) stops the scan there, later spans included.
+
+    encoding: a `tokenizers.Encoding` (offsets in chars of the rendered text).
+    """
+    out: list[tuple[int, int]] = []
+    n = len(encoding)
+    for s, e in gen_spans:
+        first = encoding.char_to_token(s)
+        if first is None:
+            break
+        last = encoding.char_to_token(e - 1) if e >= 1 else None
+        out.append((first, last + 1 if last else n))
+    return out
 
 
 def keep_last_run(mask: list[int]) -> list[int]:
@@ -224,6 +281,153 @@ def choose_mask_mode(template: str, mode: MaskMode) -> Literal["offsets", "gener
     return mode
 
 
+@dataclass
+class ChatBatch:
+    """A batch of tokenized conversations, flat (no per-token Python objects).
+
+    Conversation `index[k]` of the input is `ids[bounds[k]:bounds[k+1]]` (see `sample`).
+    ids: [N] int32; mask: [N] int8; bounds: [K+1] int64; index, turns_without_eot: [K];
+    rejects: (input position, Rejected) of the conversations that produced no sample.
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    bounds: np.ndarray
+    index: list[int]
+    turns_without_eot: list[int]
+    rejects: list[tuple[int, Rejected]]
+
+    def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [T], loss_mask [T]) of the k-th kept conversation (views)."""
+        a, b = int(self.bounds[k]), int(self.bounds[k + 1])
+        return self.ids[a:b], self.mask[a:b]
+
+
+def tokenize_chat_batch(
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    *,
+    template: str,
+    mask_mode: Literal["offsets", "generation"] = "offsets",
+    last_turn_only: bool = False,
+    keep_reasoning: bool = True,
+) -> ChatBatch:
+    """Render and tokenize a batch of conversations into flat arrays (the stage's fast path).
+
+    Each conversation is rendered once (Jinja), all are encoded in ONE batched call of the
+    Rust tokenizer (parallel over the batch), and masks are built with numpy: from the
+    `{% generation %}` char spans (generation mode, exactly transformers' assistant mask)
+    or from the token offsets (offsets mode, module docstring).
+
+    Args: as `tokenize_chats`.
+
+    Returns:
+        ChatBatch of the conversations that tokenized; the others in `.rejects`.
+    """
+    all_msgs = [template_messages(conv, keep_reasoning) for conv in conversations]
+    backend = plain_encoder(tokenizer)
+    if backend is None:  # a slow tokenizer: no batch encode, no offsets; transformers' path
+        slow = _batch_from_samples(_slow_tokenize(tokenizer, all_msgs, template, mask_mode))
+        if last_turn_only:
+            for k in range(len(slow.index)):
+                keep_last_run_inplace(slow.mask[slow.bounds[k] : slow.bounds[k + 1]])
+        return slow
+    generation = mask_mode == "generation"
+    rejects: list[tuple[int, Rejected]] = []
+    texts: list[str] = []
+    where: list[tuple[int, list[tuple[int, int]]]] = []  # input position, char spans
+    for n, rendered in enumerate(render_chats(tokenizer, all_msgs, template, generation)):
+        if isinstance(rendered, Rejected):
+            rejects.append((n, rendered))
+            continue
+        text, spans = rendered
+        if not generation:
+            found = find_assistant_spans(text, all_msgs[n])
+            if found is None:
+                rejects.append(
+                    (
+                        n,
+                        Rejected(
+                            ChatReason.ASSISTANT_NOT_RENDERED,
+                            "an assistant answer is not in the render",
+                        ),
+                    )
+                )
+                continue
+            spans = found[-1:] if last_turn_only else found
+        texts.append(text)
+        where.append((n, spans))
+    encs = backend.encode_batch(texts, add_special_tokens=False) if texts else []
+    flat, bounds = flatten_ids([e.ids for e in encs])
+    missing = [0] * len(encs)
+    if generation:
+        starts: list[int] = []
+        stops: list[int] = []
+        for k, (enc, (_, spans)) in enumerate(zip(encs, where, strict=True)):
+            base = int(bounds[k])
+            for a, b in generation_ranges(enc, spans):
+                starts.append(base + a)
+                stops.append(base + b)
+        mask = ranges_to_mask(len(flat), starts, stops)
+        if last_turn_only:
+            for k in range(len(encs)):
+                keep_last_run_inplace(mask[bounds[k] : bounds[k + 1]])
+    else:
+        specials = special_token_ids(tokenizer)
+        mask = np.zeros(len(flat), dtype=np.int8)
+        for k, (enc, text, (_, spans)) in enumerate(zip(encs, texts, where, strict=True)):
+            ids = flat[bounds[k] : bounds[k + 1]]
+            m, missing[k] = mask_from_offsets(ids.tolist(), enc.offsets, text, spans, specials)
+            mask[bounds[k] : bounds[k + 1]] = m
+    return ChatBatch(flat, mask, bounds, [n for n, _ in where], missing, rejects)
+
+
+def render_chats(
+    tokenizer: Any,
+    all_msgs: Sequence[Sequence[dict[str, str]]],
+    template: str,
+    generation: bool,
+) -> list[tuple[str, list[tuple[int, int]]] | Rejected]:
+    """Each conversation rendered once, as `tokenizer.apply_chat_template(msgs,
+    chat_template=template)` renders it (same Jinja environment, the tokenizer's special
+    tokens as variables); with `generation`, also the char spans of its `{% generation %}`
+    blocks. A conversation the template raises on is a TEMPLATE_ERROR reject."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    special = dict(tokenizer.special_tokens_map)
+    convs = [[{k: v for k, v in m.items() if v is not None} for m in msgs] for msgs in all_msgs]
+
+    def render(batch: list[list[dict[str, str]]]) -> list[tuple[str, list[tuple[int, int]]]]:
+        texts, spans = render_jinja_template(
+            conversations=batch,
+            chat_template=template,
+            return_assistant_tokens_mask=generation,
+            **special,
+        )
+        return [(x, list(spans[n]) if generation else []) for n, x in enumerate(texts)]
+
+    try:
+        return list(render(convs))  # one call: the template variables are prepared once
+    except Exception:  # some conversation broke the template: find it, keep the others
+        out: list[tuple[str, list[tuple[int, int]]] | Rejected] = []
+        for conv in convs:
+            try:
+                out.extend(render([conv]))
+            except Exception as exc:  # jinja's TemplateError and the template's own errors
+                out.append(_template_error(exc))
+        return out
+
+
+def keep_last_run_inplace(mask: np.ndarray) -> None:
+    """Zero every 1 of mask [T] before its last contiguous run of 1s (numpy, in place)."""
+    ones = np.flatnonzero(mask)
+    if not ones.size:
+        return
+    end = int(ones[-1]) + 1
+    zeros = np.flatnonzero(mask[:end] == 0)
+    mask[: int(zeros[-1]) + 1 if zeros.size else 0] = 0
+
+
 def tokenize_chats(
     tokenizer: Any,
     conversations: Sequence[Sequence[dict[str, str]]],
@@ -246,38 +450,20 @@ def tokenize_chats(
     Returns:
         ChatSample (input_ids [T], loss_mask [T]) or Rejected(ChatReason...).
     """
+    batch = tokenize_chat_batch(
+        tokenizer,
+        conversations,
+        template=template,
+        mask_mode=mask_mode,
+        last_turn_only=last_turn_only,
+        keep_reasoning=keep_reasoning,
+    )
     results: list[ChatSample | Rejected | None] = [None] * len(conversations)
-    all_msgs = [template_messages(conv, keep_reasoning) for conv in conversations]
-    if mask_mode == "generation":
-        for n, res in enumerate(_generation_masks(tokenizer, all_msgs, template)):
-            if isinstance(res, ChatSample) and last_turn_only:
-                res = ChatSample(res.input_ids, keep_last_run(res.loss_mask))
-            results[n] = res
-        return results  # type: ignore[return-value]
-    texts: list[str] = []
-    where: list[tuple[int, list[tuple[int, int]]]] = []
-    specials = special_token_ids(tokenizer)
-    for n, msgs in enumerate(all_msgs):
-        try:
-            text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False)
-        except Exception as exc:  # jinja raises TemplateError and the template's own errors
-            results[n] = _template_error(exc)
-            continue
-        spans = find_assistant_spans(text, msgs)
-        if spans is None:
-            results[n] = Rejected(
-                ChatReason.ASSISTANT_NOT_RENDERED, "an assistant answer is not in the render"
-            )
-            continue
-        if last_turn_only:
-            spans = spans[-1:]
-        texts.append(text)
-        where.append((n, spans))
-    if texts:
-        all_ids, all_offs = encode_batch(tokenizer, texts, offsets=True)
-        for (n, spans), text, ids, offs in zip(where, texts, all_ids, all_offs, strict=True):
-            mask, missing = mask_from_offsets(ids, offs, text, spans, specials)
-            results[n] = ChatSample(list(ids), mask, missing)
+    for n, rej in batch.rejects:
+        results[n] = rej
+    for k, n in enumerate(batch.index):
+        ids, mask = batch.sample(k)
+        results[n] = ChatSample(ids.tolist(), mask.tolist(), batch.turns_without_eot[k])
     return results  # type: ignore[return-value]
 
 
@@ -285,11 +471,41 @@ def _template_error(exc: Exception) -> Rejected:
     return Rejected(ChatReason.TEMPLATE_ERROR, f"{type(exc).__name__}: {exc}"[:120])
 
 
-def _generation_masks(
+def _batch_from_samples(results: list[ChatSample | Rejected]) -> ChatBatch:
+    kept = [(n, r) for n, r in enumerate(results) if isinstance(r, ChatSample)]
+    flat, bounds = flatten_ids([r.input_ids for _, r in kept])
+    mask = np.fromiter(
+        itertools.chain.from_iterable(r.loss_mask for _, r in kept), np.int8, count=len(flat)
+    )
+    return ChatBatch(
+        flat,
+        mask,
+        bounds,
+        [n for n, _ in kept],
+        [r.turns_without_eot for _, r in kept],
+        [(n, r) for n, r in enumerate(results) if isinstance(r, Rejected)],
+    )
+
+
+def _slow_tokenize(
+    tokenizer: Any, all_msgs: list[list[dict[str, str]]], template: str, mask_mode: str
+) -> list[ChatSample | Rejected]:
+    if mask_mode != "generation":
+        raise ConfigError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} is not a fast (Rust) "
+            "tokenizer: offsets masks need one",
+            fix="use a tokenizer with tokenizer.json, or a template with generation blocks",
+        )
+    return reference_generation_masks(tokenizer, all_msgs, template)
+
+
+def reference_generation_masks(
     tokenizer: Any, all_msgs: list[list[dict[str, str]]], template: str
 ) -> list[ChatSample | Rejected]:
-    """The template's own assistant masks, one batched call; per conversation only if a
-    conversation makes the template raise (so one bad row is one reject)."""
+    """transformers' own assistant masks (`apply_chat_template(..., tokenize=True,
+    return_assistant_tokens_mask=True)`, one batched call; per conversation only if one
+    makes the template raise). The slow path, and the reference the fast one is tested
+    against."""
 
     def call(convs: list[list[dict[str, str]]]) -> list[ChatSample]:
         out = tokenizer.apply_chat_template(

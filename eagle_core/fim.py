@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from eagle_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,30 @@ def build_fim_sample(
     ids = [*head, *middle_ids, t.end_id]
     mask = [0] * len(head) + [1] * (len(middle_ids) + 1)
     return FimSample(ids, mask)
+
+
+def fim_ids(
+    tokens: FimTokens,
+    prefix_ids: np.ndarray,
+    middle_ids: np.ndarray,
+    suffix_ids: np.ndarray,
+    order: FimOrder,
+) -> tuple[np.ndarray, int]:
+    """`build_fim_sample` on int32 arrays: (input_ids [T] int32, n_head); the loss mask is
+    1 on input_ids[n_head:] (middle + <end>)."""
+    t = tokens
+
+    def one(i: int) -> np.ndarray:
+        return np.array([i], dtype=np.int32)
+
+    if order == "psm":
+        head = [one(t.prefix_id), prefix_ids, one(t.suffix_id), suffix_ids, one(t.middle_id)]
+    elif order == "spm":
+        head = [one(t.prefix_id), one(t.suffix_id), suffix_ids, one(t.middle_id), prefix_ids]
+    else:
+        raise ConfigError(f"fim_order={order!r} is unknown", fix="use 'psm' or 'spm'")
+    n_head = 3 + len(prefix_ids) + len(suffix_ids)
+    return np.concatenate([*head, middle_ids, one(t.end_id)]).astype(np.int32), n_head
 
 
 def build_plain_sample(code_ids: list[int], end_id: int) -> FimSample:
@@ -276,6 +302,7 @@ __all__ = [
     "build_fim_sample",
     "build_plain_sample",
     "discover_fim_tokens",
+    "fim_ids",
     "record_rng",
     "split_ast",
     "split_chars",

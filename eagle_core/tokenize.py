@@ -28,25 +28,25 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from eagle_core.chat import (
-    ChatSample,
     choose_mask_mode,
     encode_batch,
+    flatten_ids,
     resolve_chat_template,
-    tokenize_chats,
+    tokenize_chat_batch,
 )
 from eagle_core.errors import ConfigError, DataError
 from eagle_core.fim import (
     FimOrder,
     FimTokens,
-    build_fim_sample,
-    build_plain_sample,
     discover_fim_tokens,
+    fim_ids,
     record_rng,
 )
-from eagle_core.records import RejectCounter, Rejected, parse_messages
+from eagle_core.records import RejectCounter, parse_messages
 from storage import ArtifactStore, StageRef
 from storage.shards import iter_batches, write_parquet
 
@@ -234,8 +234,8 @@ def length_bin(n: int) -> str:
 
 
 def truncate_fim_pieces(
-    prefix: list[int], middle: list[int], suffix: list[int], max_length: int
-) -> tuple[list[int], list[int], list[int], bool]:
+    prefix: Sequence[int], middle: Sequence[int], suffix: Sequence[int], max_length: int
+) -> tuple[Sequence[int], Sequence[int], Sequence[int], bool]:
     """Shorten prefix (keep its end) and suffix (keep its start) so the sample fits.
 
     A FIM sample has 4 special tokens besides the pieces. If the middle alone does not fit,
@@ -289,9 +289,13 @@ class LoadedTokenizer:
 
 
 def tokenize_chunk(t: LoadedTokenizer, rows: list[dict[str, Any]]) -> tuple[pa.Table, ChunkStats]:
-    """Tokenize a chunk of records -> (TOKENS_SCHEMA table, stats)."""
+    """Tokenize a chunk of records -> (TOKENS_SCHEMA table, stats).
+
+    Token data stays in numpy arrays from the Rust tokenizer to the Arrow table (one flat
+    ids buffer + offsets per column; no Python list per token).
+    """
     cfg, stats = t.cfg, ChunkStats()
-    out: dict[int, tuple[list[int], list[int], bool]] = {}  # row -> ids, mask, fim-trimmed
+    out: dict[int, tuple[Any, Any, bool]] = {}  # row -> ids [T], mask [T], fim-trimmed
     chats: list[int] = []
     fims: list[int] = []
     for i, r in enumerate(rows):
@@ -305,42 +309,40 @@ def tokenize_chunk(t: LoadedTokenizer, rows: list[dict[str, Any]]) -> tuple[pa.T
         elif kind == "fim":
             fims.append(i)
         elif kind == "tokens":
-            ids, mask = list(r["input_ids"]), list(r["loss_mask"])
+            ids, mask = r["input_ids"], r["loss_mask"]
             if max(ids) >= len(t.tok):
                 stats.rejects.add(
                     TokReason.TOKEN_OUT_OF_VOCAB, r["sample_id"], f"id {max(ids)} >= {len(t.tok)}"
                 )
                 continue
-            out[i] = (ids, mask, False)
+            out[i] = (np.asarray(ids, np.int32), np.asarray(mask, np.int8), False)
     if chats:
         if t.template is None:
             resolve_chat_template(t.tok, cfg.chat_template)  # raises the ConfigError
-        convs = [parse_messages(rows[i]["messages_json"]) for i in chats]
-        results = tokenize_chats(
+        batch = tokenize_chat_batch(
             t.tok,
-            convs,
+            [parse_messages(rows[i]["messages_json"]) for i in chats],
             template=t.template or "",
             mask_mode=t.mask_mode,
             last_turn_only=cfg.last_turn_only,
             keep_reasoning=cfg.keep_reasoning,
         )
-        for i, res in zip(chats, results, strict=True):
-            if isinstance(res, Rejected):
-                stats.rejects.add(res.reason, rows[i]["sample_id"], res.detail)
-            else:
-                assert isinstance(res, ChatSample)
-                stats.turns_without_eot += res.turns_without_eot
-                out[i] = (res.input_ids, res.loss_mask, False)
+        for n, rej in batch.rejects:
+            stats.rejects.add(rej.reason, rows[chats[n]]["sample_id"], rej.detail)
+        for k, n in enumerate(batch.index):
+            stats.turns_without_eot += batch.turns_without_eot[k]
+            ids, mask = batch.sample(k)
+            out[chats[n]] = (ids, mask, False)
     if fims:
         if t.fim is None:
             raise t.fim_error or ConfigError("no FIM tokens", fix="pass fim_tokens")
         _tokenize_fim(t, rows, fims, out, stats)
-    ids_col, mask_col, sid_col, src_col = [], [], [], []
+    ids_parts, mask_parts, sid_col, src_col = [], [], [], []
     for i in sorted(out):
         ids, mask, trimmed = out[i]
         truncated = trimmed or len(ids) > cfg.max_length
         ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
-        n_loss = sum(mask)
+        n_loss = int(np.count_nonzero(mask))
         if not n_loss:
             stats.rejects.add(
                 TokReason.NO_LOSS_TOKENS,
@@ -356,25 +358,40 @@ def tokenize_chunk(t: LoadedTokenizer, rows: list[dict[str, Any]]) -> tuple[pa.T
         stats.by_kind[kind] = stats.by_kind.get(kind, 0) + 1
         b = length_bin(len(ids))
         stats.length_hist[b] = stats.length_hist.get(b, 0) + 1
-        ids_col.append(ids)
-        mask_col.append(mask)
+        ids_parts.append(ids)
+        mask_parts.append(mask)
         sid_col.append(rows[i]["sample_id"])
         src_col.append(rows[i]["source"])
-    table = pa.Table.from_pydict(
-        {"sample_id": sid_col, "source": src_col, "input_ids": ids_col, "loss_mask": mask_col},
+    table = pa.Table.from_arrays(
+        [
+            pa.array(sid_col, pa.string()),
+            pa.array(src_col, pa.string()),
+            list_array(ids_parts, np.int32),
+            list_array(mask_parts, np.int8),
+        ],
         schema=TOKENS_SCHEMA,
     )
     return table, stats
+
+
+def list_array(parts: list[np.ndarray], dtype: type[np.generic]) -> pa.ListArray:
+    """A list<dtype> Arrow array from per-row 1-D arrays: one flat buffer + int32 offsets."""
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    if parts:
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+    flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _tokenize_fim(
     t: LoadedTokenizer,
     rows: list[dict[str, Any]],
     idx: list[int],
-    out: dict[int, tuple[list[int], list[int], bool]],
+    out: dict[int, tuple[Any, Any, bool]],
     stats: ChunkStats,
 ) -> None:
-    """FIM / plain samples for rows `idx`; pieces encoded in one batched call."""
+    """FIM / plain samples for rows `idx`; every piece encoded in one batched call, samples
+    assembled from numpy slices (the masks are ranges: middle + <end>, or everything)."""
     cfg, fim = t.cfg, t.fim
     assert fim is not None
     is_fim = [
@@ -387,20 +404,23 @@ def _tokenize_fim(
             texts += [r["prefix"], r["middle"], r["suffix"]]
         else:
             texts.append(r["prefix"] + r["middle"] + r["suffix"])
-    enc = encode_batch(t.tok, texts)[0] if texts else []
+    flat, bounds = flatten_ids(encode_batch(t.tok, texts)[0] if texts else [])
     k = 0
     for i, f in zip(idx, is_fim, strict=True):
         if f:
-            p, m, s = enc[k], enc[k + 1], enc[k + 2]
+            p, m, s = (flat[bounds[j] : bounds[j + 1]] for j in (k, k + 1, k + 2))
             k += 3
             p, m, s, trimmed = truncate_fim_pieces(p, m, s, cfg.max_length)
-            sample = build_fim_sample(fim, p, m, s, cfg.fim_order)
+            ids, n_head = fim_ids(fim, p, m, s, cfg.fim_order)
+            mask = np.zeros(len(ids), dtype=np.int8)
+            mask[n_head:] = 1
             layout = cfg.fim_order
         else:
-            sample, trimmed, layout = build_plain_sample(enc[k], fim.end_id), False, "plain"
+            ids = np.append(flat[bounds[k] : bounds[k + 1]], np.int32(fim.end_id))
+            mask, trimmed, layout = np.ones(len(ids), dtype=np.int8), False, "plain"
             k += 1
         stats.fim_layout[layout] = stats.fim_layout.get(layout, 0) + 1
-        out[i] = (sample.input_ids, sample.loss_mask, trimmed)
+        out[i] = (ids, mask, trimmed)
 
 
 # worker-process state for num_proc > 1 (loaded once per worker)
