@@ -5,7 +5,9 @@ plainly (`greedy_generate`, the baseline) and speculatively (`speculative_genera
 draft proposing, the target verifying in one forward per round). It reports, from counted
 events only:
 
-- τ = tokens emitted per verify forward = 1 + Σ accepted / Σ verify forwards;
+- τ = tokens emitted per verify forward = 1 + Σ accepted / Σ verify forwards (a round cut
+  by max_new_tokens / EOS counts only the proposals it emitted, so emitted tokens =
+  prompts + verify forwards + accepted exactly);
 - per-position acceptance: P(the k-th proposal is accepted) = forwards that accepted >= k
   tokens / verify forwards, and the conditional rate given k-1 were accepted;
 - draft and target forward times (total and per forward);
@@ -38,7 +40,8 @@ from storage import ArtifactStore, StageRef
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+# 2: a round cut by max_new_tokens / EOS counts only the proposals it emitted (speculate.py)
+CODE_VERSION = "2"
 STAGE = "evaluate"
 Kind = Literal["chat", "fim"]
 KINDS: tuple[Kind, ...] = ("chat", "fim")
