@@ -205,12 +205,14 @@ def fim_samples(
     per_file: int,
     max_prefix_chars: int = 1200,
     max_suffix_chars: int = 400,
+    span_share: float = 0.3,
+    max_lines: int = 4,
 ) -> Iterator[dict[str, str]]:
     """FIM samples `{"id", "prefix", "middle", "suffix"}` from one module, seeded per file.
 
-    Middles are 1-4 whole lines (70%) or a span inside one line (30%); never empty or blank.
-    Prefix and suffix are cut to a window around the middle (the start of a line when
-    possible) so samples stay short for a small model.
+    Middles are a span inside one line (`span_share` of them) or 1..`max_lines` whole
+    lines; never empty or blank. Prefix and suffix are cut to a window around the middle
+    (the start of a line when possible) so samples stay short for a small model.
     """
     rng = random.Random(_seed_for(seed, src.module, "fim"))
     text = src.text
@@ -227,8 +229,8 @@ def fim_samples(
         if made >= per_file:
             break
         li = rng.randrange(2, n_lines - 2)
-        if rng.random() < 0.7:
-            k = rng.randint(1, 4)
+        if rng.random() >= span_share:
+            k = rng.randint(1, max_lines)
             a = starts[li]
             b = starts[min(li + k, n_lines - 1)]
         else:
