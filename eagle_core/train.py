@@ -691,11 +691,12 @@ class _StepStats:
     counts: list[float] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
 
-    def add(self, out: Any, batch: CollatedBatch) -> None:
+    def add(self, out: Any, batch: CollatedBatch, loss: float | None = None) -> None:
+        """Count one micro batch; `loss` is out.loss as a float when the caller has it."""
         k = len(out.step_acc)
         if not self.hits:
             self.hits, self.counts = [0.0] * k, [0.0] * k
-        self.loss_sum += float(out.loss.detach())
+        self.loss_sum += float(out.loss.detach()) if loss is None else loss
         self.micro += 1
         self.tokens += batch.num_tokens
         self.samples += len(batch.sample_ids)
@@ -782,14 +783,16 @@ class PeerFailure(TrainingError):
     """This rank stops because another rank failed (the launcher reports the other one)."""
 
 
-def _check_finite(out: Any, batch: CollatedBatch, step: int, device: torch.device) -> None:
-    """Stop every rank when any rank's loss is NaN/inf; the raising rank names its samples."""
-    bad_here = not bool(torch.isfinite(out.loss.detach()).all())
+def _check_finite(out: Any, batch: CollatedBatch, step: int, device: torch.device) -> float:
+    """Stop every rank when any rank's loss is NaN/inf; the raising rank names its samples.
+
+    Returns the loss as a float: the one device-to-host read of it per micro batch."""
+    loss = float(out.loss.detach())
+    bad_here = not math.isfinite(loss)
     bad = _all_reduce_sum([1.0 if bad_here else 0.0], device)[0]
     if bad_here:
         raise TrainingError(
-            f"non-finite loss {float(out.loss.detach())} at step {step + 1} on the batch of "
-            f"samples {batch.sample_ids}",
+            f"non-finite loss {loss} at step {step + 1} on the batch of samples {batch.sample_ids}",
             fix="inspect those samples (their hidden states may hold NaN/inf), lower train.lr, "
             "or use precision='fp32'; the last complete checkpoint is kept and a rerun "
             "resumes from it",
@@ -1007,12 +1010,12 @@ def train_main(
                 for a in range(cfg.grad_accum):
                     mb = next(batches)
                     out = _loss_output(engine(to_draft_batch(mb, setup, cfg, device, dtype)))
-                    _check_finite(out, mb, state.step, device)
+                    loss = _check_finite(out, mb, state.step, device)
                     engine.backward(out.loss)
                     if a == cfg.grad_accum - 1 and not clip_keeps_norm:
                         own_norm = _param_grad_norm(engine)  # grads are all-reduced by now
                     engine.step()
-                    stats.add(out, mb)
+                    stats.add(out, mb, loss)
                 grad_norm = _grad_norm(engine)
                 if grad_norm is None:
                     grad_norm = _clip_norm(engine) if clip_keeps_norm else own_norm
