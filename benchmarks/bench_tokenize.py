@@ -14,7 +14,8 @@ texts, batched (`Tokenizer.encode_batch`) and per sample (`Tokenizer.encode` loo
 sides must encode every token, so t_reference / t_bare_batched_encode bounds the speedup.
 
 Run: .venv/bin/python -m benchmarks.bench_tokenize [--samples 2000] [--num-proc 2]
-(--num-proc N also sets shard_size so the records make N shards: one per worker.)
+(--num-proc N also sets shard_size so the records make N shards, one per worker, and
+writes results/tokenize-num-proc-N.json.)
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
         },
     ]
     save(
-        "tokenize",
+        "tokenize" if args.num_proc == 1 else f"tokenize-num-proc-{args.num_proc}",
         rows,
         samples=args.samples,
         num_proc=args.num_proc,
