@@ -34,9 +34,10 @@ keeps `concurrency` requests in flight.
 
 A record whose generation fails is dropped (never kept half-regenerated or with its old
 answer) and counted by reason: `empty` (nothing but whitespace), `length` (cut at
-max_new_tokens without an end token), `server_error` (still failing after the retries),
-`bad_request` (the server refused this prompt with a 4xx), `prompt_too_long` (longer than
-the target's context), `bad_record` (unusable messages, unknown kind). The first sample
+max_new_tokens without an end token; kept as cut with `keep_length=True`), `server_error`
+(still failing after the retries), `bad_request` (the server refused this prompt with a
+4xx), `prompt_too_long` (longer than the target's context), `bad_record` (unusable
+messages, unknown kind). The first sample
 ids per reason go to the manifest meta (`reject_examples`). Server errors past
 `max_server_errors` of a shard's requests stop the stage instead (an outage must not turn
 into lost shards); 401/403/404 stop it at once (wrong key, URL or model name).
@@ -105,7 +106,11 @@ class RegenerateConfig:
     # NAME of the environment variable holding the API key (never the key itself); None: no
     # Authorization header (vllm serve without --api-key)
     api_key_env: str | None = None
-    max_new_tokens: int = 1024  # answers cut here are rejected ("length"), not kept truncated
+    max_new_tokens: int = 1024  # answers cut here are rejected ("length") unless keep_length
+    # True: keep answers cut at max_new_tokens as they are (finish "length" is still counted).
+    # On-policy data for a target that rarely ends its answers (a serving engine cuts those
+    # at its token limit too); False: only finished answers are training data.
+    keep_length: bool = False
     temperature: float | None = 0.0  # 0: greedy; None: the target's generation_config
     top_p: float | None = None  # None: the target's generation_config (or the server default)
     seed: int = 0  # sampling seed; per shard (local) or per request (server)
@@ -213,6 +218,8 @@ class RegenerateConfig:
             "dtype",
         )
         params = {k: getattr(self, k) for k in keep}
+        if self.keep_length:  # only when set: older artifacts keep their keys
+            params["keep_length"] = True
         if self.backend == "local":
             params["model"] = None
             # batch composition changes float rounding (and which samples share a seed)
@@ -231,6 +238,7 @@ class RegenerateConfig:
             "model": (self.model or self.target) if self.backend == "server" else None,
             "dtype": self.dtype if self.backend == "local" else None,
             "max_new_tokens": self.max_new_tokens,
+            "keep_length": self.keep_length,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,
@@ -641,12 +649,12 @@ def _chat_request(job: _Job, seed: int) -> GenRequest:
     return GenRequest(messages=history, seed=_derive_seed(seed, job.row["sample_id"], turn))
 
 
-def _apply(job: _Job, res: GenResult) -> None:
+def _apply(job: _Job, res: GenResult, keep_length: bool) -> None:
     job.tokens += res.generated_tokens
     job.finish.append(res.finish)
     if res.finish == "error":
         job.reject = res.error or "server_error"
-    elif res.finish == "length":
+    elif res.finish == "length" and not keep_length:
         job.reject = "length"
     elif not res.text.strip():
         job.reject = "empty"
@@ -707,7 +715,7 @@ def _regenerate_rows(
         stats["requests"] += len(batch)
         for (job, _req), res in zip(batch, results, strict=True):
             stats[f"finish_{res.finish}"] += 1
-            _apply(job, res)
+            _apply(job, res, cfg.keep_length)
             if job.row.get("kind") == "chat":
                 turn = job.turns[job.done_turns]
                 msg = {"role": "assistant", "content": res.text}
@@ -917,7 +925,8 @@ def regenerate(
                 raise DataError(
                     f"regenerate kept none of {totals['samples']} records "
                     f"({ {k: v for k, v in totals.items() if k.startswith('rejected_') and v} })",
-                    fix="raise max_new_tokens if most were cut at the length limit; check the "
+                    fix="raise max_new_tokens (or set keep_length) if most were cut at the length "
+                    "limit; check the "
                     "target and the server otherwise",
                 )
             totals["shards"] = shard_i

@@ -634,3 +634,24 @@ def test_cli_regenerate_prints_artifact_url_last(target_dir: str, tmp_path, caps
     assert stage == "regenerate" and ref_store.is_done(stage, key)
     rows = _read(ref_store, ref_store.ref(stage, key))
     assert rows["f-add"]["middle"] == FIM_ADD[1]
+
+
+def test_keep_length_keeps_cut_answers(target_dir: str, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    max_new = 3
+    store, records = _store_records(str(tmp_path), _records())
+    cut_cfg = _cfg(target_dir, max_new_tokens=max_new, keep_length=True)
+    assert store.key("regenerate", cut_cfg.key_params(), inputs=[records]) != store.key(
+        "regenerate", _cfg(target_dir, max_new_tokens=max_new).key_params(), inputs=[records]
+    )
+    ref = regenerate(store, records, cut_cfg)
+    c = ref.counts
+    assert c["rejected_length"] == 0 and c["finish_length"] > 0
+    rows = _read(store, ref)
+    assert {"c-doc", "f-add"} <= set(rows)  # their answers are longer than 3 tokens
+    middle = rows["f-add"]["middle"]
+    assert middle.strip() and len(tok(middle, add_special_tokens=False)["input_ids"]) <= max_new
+    assert store.manifest("regenerate", ref.key).meta["provenance"]["keep_length"] is True
+    assert json.loads(rows["c-doc"]["original_json"])["finish"] == ["length"]
