@@ -37,8 +37,8 @@ answer) and counted by reason: `empty` (nothing but whitespace), `length` (cut a
 max_new_tokens without an end token; kept as cut with `keep_length=True`), `server_error`
 (still failing after the retries), `bad_request` (the server refused this prompt with a
 4xx), `prompt_too_long` (longer than the target's context), `bad_record` (unusable
-messages, unknown kind). The first sample
-ids per reason go to the manifest meta (`reject_examples`). Server errors past
+messages, unknown kind). The first sample ids per reason go to the manifest meta
+(`reject_examples`). Server errors past
 `max_server_errors` of a shard's requests stop the stage instead (an outage must not turn
 into lost shards); 401/403/404 stop it at once (wrong key, URL or model name).
 
