@@ -4,8 +4,9 @@ Same records (the demo target's train files, capped as in `bench_quality`), same
 steps, seed and vocabulary map; the only difference is who wrote the answers:
 - original: the demo data files' own answers (docstrings / code of the stdlib);
 - regenerated: `eagle_core.regenerate` (local backend, greedy, the demo target itself)
-  rewrote every chat answer and FIM middle; records it could not finish within
-  `--max-new-tokens` are rejected by the stage (counted, reported here).
+  rewrote every chat answer and FIM middle; with `--keep-length` (default) answers cut at
+  `--max-new-tokens` are kept as cut (on-policy: the evaluator cuts generations the same
+  way), with `--no-keep-length` they are rejected by the stage (counted, reported here).
 Both are then tokenized, extracted and trained by the pipeline's own stage functions and
 evaluated on the same held-out chat and FIM prompts: τ (chain k=5, greedy).
 
@@ -16,6 +17,7 @@ Run: .venv/bin/python -m benchmarks.bench_regenerate --target <demo target URL>
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from typing import Any
@@ -35,7 +37,13 @@ KEYS = ("data", "tau_fim", "tau_chat", "tau_all", "train_samples", "speedup_all"
 
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="regenerated answer cap")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="regenerated answer cap")
+    ap.add_argument(
+        "--keep-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep answers cut at --max-new-tokens (the demo target rarely ends a middle)",
+    )
     run = start(ap.parse_args())
     store, data, budget, target, args = run.store, run.data, run.budget, run.target, run.args
     from eagle_core.errors import DataError
@@ -45,6 +53,7 @@ def main() -> None:
         backend="local",
         target=target,
         max_new_tokens=args.max_new_tokens,
+        keep_length=args.keep_length,
         temperature=0.0,
         seed=0,
         batch_size=8,
@@ -85,7 +94,10 @@ def main() -> None:
     save(
         "regenerate",
         rows,
-        command="python -m benchmarks.bench_regenerate --target " + target,
+        command="python -m benchmarks.bench_regenerate --target "
+        + target
+        + f" --max-new-tokens {args.max_new_tokens}"
+        + ("" if args.keep_length else " --no-keep-length"),
         target_model=target,
         budget=dataclasses.asdict(budget),
         regenerate_config=rcfg.key_params() if hasattr(rcfg, "key_params") else str(rcfg),
