@@ -145,15 +145,21 @@ def _download(store: ArtifactStore, path: str, kind: str, n: int | None) -> Stag
 
 
 def tokenize_and_extract(
-    store: ArtifactStore, target: str, records: StageRef, kind: str, budget: Budget
+    store: ArtifactStore,
+    target: str,
+    records: StageRef,
+    kind: str,
+    budget: Budget,
+    loss_on: str = "answer",
 ) -> tuple[StageRef, StageRef]:
     """tokenize -> extract_hidden of one records artifact with the target."""
     from eagle_core.extract import ExtractConfig, extract_hidden
     from eagle_core.tokenize import TokenizeConfig, tokenize
 
-    tok = tokenize(
-        store, records, TokenizeConfig(tokenizer=target, format=kind, max_length=budget.max_length)
+    tcfg = TokenizeConfig(
+        tokenizer=target, format=kind, max_length=budget.max_length, loss_on=loss_on
     )
+    tok = tokenize(store, records, tcfg)
     hid = extract_hidden(
         store, tok, ExtractConfig(target=target, batch_size=8, model_dtype="float32")
     )
@@ -317,17 +323,32 @@ def short(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def main() -> None:
-    run = start(parser(__doc__).parse_args())
+    ap = parser(__doc__)
+    ap.add_argument(
+        "--loss-on-all",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train the TTT draft with tokenize loss_on='all' (every token a position)",
+    )
+    run = start(ap.parse_args())
     store, data, budget, target = run.store, run.data, run.budget, run.target
     ttt = train_and_evaluate(store, data, budget, label="TTT 7 steps (aligned)")
     no_ttt = train_and_evaluate(store, data, budget, label="no TTT (1 step)", ttt_steps=1)
+    variants = [ttt, no_ttt]
+    if run.args.loss_on_all:
+        hidden_all = [
+            tokenize_and_extract(store, target, rec, kind, budget, loss_on="all")[1]
+            for rec, (_name, kind) in zip(data.train_records, TRAIN_FILES, strict=True)
+        ]
+        variants.append(
+            train_and_evaluate(
+                store, data, budget, label="TTT 7 steps, loss on every token", hidden=hidden_all
+            )
+        )
     limit = float(budget.chain_steps + 1)
     keys = ("draft", "tau_fim", "tau_chat", "speedup_all", "lossless_all")
-    rows = [
-        short(ttt, keys),
-        short(no_ttt, keys),
-        {"draft": "limit k+1", "tau_fim": limit, "tau_chat": limit},
-    ]
+    rows = [short(r, keys) for r in variants]
+    rows.append({"draft": "limit k+1", "tau_fim": limit, "tau_chat": limit})
     goal_fim, goal_chat = 4.5, 3.5
     save(
         "draft_quality",
@@ -335,14 +356,14 @@ def main() -> None:
         command="python -m benchmarks.bench_quality --target " + target,
         target_model=target,
         budget=dataclasses.asdict(budget),
-        runs=[ttt, no_ttt],
+        runs=variants,
         goal={"tau_fim": goal_fim, "tau_chat": goal_chat, "lossless": "all"},
         met={
             "tau_fim": (ttt.get("tau_fim") or 0) >= goal_fim,
             "tau_chat": (ttt.get("tau_chat") or 0) >= goal_chat,
             "lossless": all(
                 r[f"lossless_{k}"].split("/")[0] == r[f"lossless_{k}"].split("/")[1]
-                for r in (ttt, no_ttt)
+                for r in variants
                 for k in ("fim", "chat")
                 if f"lossless_{k}" in r
             ),

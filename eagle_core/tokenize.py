@@ -101,6 +101,12 @@ class TokenizeConfig:
     chat_mask: Literal["auto", "offsets", "generation"] = "auto"  # see eagle_core.chat
     last_turn_only: bool = False  # mask only the last answer (e.g. regenerated data)
     keep_reasoning: bool = True  # train on reasoning: served reasoning models emit it
+    # "answer": loss on assistant answers / FIM middles only (the reference trainers).
+    # "all": on every token but the first, prompts included. EAGLE's labels are the target's
+    # own next-token distribution, not the data's tokens, so prompt positions are valid
+    # training signal too: many times more positions per sample, at the price of also
+    # fitting text the target reads but never writes. For short answers / FIM middles.
+    loss_on: Literal["answer", "all"] = "answer"
     seed: int = 0  # per-record FIM / plain draw
     shard_size: int = 10_000  # input rows per output shard (the resume unit)
 
@@ -129,6 +135,8 @@ class TokenizeConfig:
                     f"tokenize.fim_tokens={self.fim_tokens} needs 4 strings",
                     fix="give (prefix, suffix, middle, end) token strings",
                 )
+        if self.loss_on not in ("answer", "all"):
+            raise ConfigError(f"tokenize.loss_on={self.loss_on!r}", fix="use answer or all")
         if self.chat_mask not in ("auto", "offsets", "generation"):
             raise ConfigError(
                 f"tokenize.chat_mask={self.chat_mask!r}", fix="use auto, offsets or generation"
@@ -342,6 +350,9 @@ def tokenize_chunk(t: LoadedTokenizer, rows: list[dict[str, Any]]) -> tuple[pa.T
         ids, mask, trimmed = out[i]
         truncated = trimmed or len(ids) > cfg.max_length
         ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+        if cfg.loss_on == "all":
+            mask = np.ones_like(mask)
+            mask[:1] = 0  # nothing predicts the first token
         n_loss = int(np.count_nonzero(mask))
         if not n_loss:
             stats.rejects.add(

@@ -168,6 +168,10 @@ class TokenizeParams(_Section):
     )
     max_length: int = Field(2048, ge=8, le=131072, description="Max tokens per sample")
     keep_reasoning: bool = Field(True, description="Train on reasoning content of answers")
+    loss_on: Literal["answer", "all"] = Field(
+        "answer",
+        description="Loss on answers / FIM middles only, or on every token (prompts too)",
+    )
 
     def tokenize_config(
         self, tokenizer: str, kind: Literal["chat", "fim", "tokens"], seed: int
@@ -181,6 +185,7 @@ class TokenizeParams(_Section):
             fim_rate=self.fim_rate,
             max_length=self.max_length,
             keep_reasoning=self.keep_reasoning,
+            loss_on=self.loss_on,
             seed=seed,
         )
 

@@ -329,3 +329,21 @@ def test_chat_data_without_a_template_is_a_config_error(records, bpe_tokenizer_f
     tmpl = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
     ref = tokenize(store, rec, TokenizeConfig(tokenizer=tdir, chat_template=tmpl))
     assert ref.counts["rows"] == 8
+
+
+def test_loss_on_all_trains_every_token_but_the_first(records, bpe_tokenizer_factory):
+    store, rec = records
+    tdir = bpe_tokenizer_factory("starcoder", "chatml")
+    answer = tokenize(store, rec, TokenizeConfig(tokenizer=tdir))
+    every = tokenize(store, rec, TokenizeConfig(tokenizer=tdir, loss_on="all"))
+    assert every.key != answer.key
+    a = {s["sample_id"]: s for s in samples(store, answer)}
+    b = {s["sample_id"]: s for s in samples(store, every)}
+    assert a.keys() == b.keys()
+    for sid, s in b.items():
+        assert s["input_ids"] == a[sid]["input_ids"]  # same tokens, only the mask differs
+        assert s["loss_mask"] == [0] + [1] * (len(s["input_ids"]) - 1)
+    assert every.counts["masked_tokens"] == sum(len(s["input_ids"]) - 1 for s in b.values())
+    assert every.counts["masked_tokens"] > 2 * answer.counts["masked_tokens"]
+    with pytest.raises(ConfigError, match="loss_on"):
+        TokenizeConfig(tokenizer=tdir, loss_on="prompt")
