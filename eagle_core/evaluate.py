@@ -41,7 +41,7 @@ from storage import ArtifactStore, StageRef
 log = logging.getLogger(__name__)
 
 # 2: a round cut by max_new_tokens / EOS counts only the proposals it emitted (speculate.py)
-CODE_VERSION = "2"
+CODE_VERSION = "3"  # 2: cut rounds count emitted proposals only; 3: generation_config eos
 STAGE = "evaluate"
 Kind = Literal["chat", "fim"]
 KINDS: tuple[Kind, ...] = ("chat", "fim")
@@ -277,6 +277,19 @@ def _demo_heldout_files(target: str) -> list[str]:
     names = store.list_files(ref, prefix="data/", suffix=".heldout.jsonl")
     names = [n for n in names if "/files." not in n]  # whole files: no prompt to cut
     return [store.url(stage, key, n) for n in names]
+
+
+def stop_token_ids(target, tokenizer) -> tuple[int, ...]:
+    """Where generation stops, as a serving engine decides it: the target's
+    `generation_config.eos_token_id` (chat models list their end-of-turn token there, e.g.
+    Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`) plus the tokenizer's eos."""
+    ids: list[int] = []
+    gen = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    for e in [gen] if isinstance(gen, int) else list(gen or []):
+        ids.append(int(e))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(dict.fromkeys(ids))
 
 
 def load_prompts(
@@ -704,7 +717,7 @@ def evaluate(
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = store.local_dir(export_ref, os.path.join(tmp, "draft"))
         draft = load_exported_draft(export_dir, target)
-        eos = tokenizer.eos_token_id
+        eos = stop_token_ids(target, tokenizer)
         report = measure(target, draft, list(prompts), cfg, eos_token_id=eos, progress=progress)
         report.update(target=target_name, draft=export_ref.url, skipped_prompts=skipped)
         png = os.path.join(tmp, "acceptance.png")

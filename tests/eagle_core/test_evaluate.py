@@ -19,6 +19,7 @@ from eagle_core.evaluate import (
     evaluate,
     fim_prompt_ids,
     load_prompts,
+    stop_token_ids,
 )
 from eagle_core.export import ExportConfig, export
 from eagle_core.models import load_target
@@ -159,3 +160,16 @@ def test_divergence_reports_position_and_margin(small_target_dir: str) -> None:
     assert d["position"] == 2 and d["greedy_token"] == base[2]
     assert d["speculative_token"] == other and d["logit_margin"] > 0  # greedy = the argmax
     assert divergence(target, prompt, base, base[:3]) == {"sample_id": "p", "position": 3}
+
+
+def test_stop_tokens_follow_the_generation_config(
+    small_target_dir: str, small_tokenizer_dir: str
+) -> None:
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    target = load_target(small_target_dir, dtype="float32", device="cpu")
+    assert stop_token_ids(target, tok) == (tok.eos_token_id,)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    target.generation_config.eos_token_id = [im_end, tok.eos_token_id]  # as chat models ship
+    assert stop_token_ids(target, tok) == (im_end, tok.eos_token_id)
+    target.generation_config.eos_token_id = im_end
+    assert stop_token_ids(target, tok) == (im_end, tok.eos_token_id)
