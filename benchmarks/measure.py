@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -59,8 +60,13 @@ def device_label() -> str:
 def save(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
     """Print a short table and write benchmarks/results/<name>.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    import __main__
+
+    module = getattr(getattr(__main__, "__spec__", None), "name", None) or sys.argv[0]
     doc = {
         "benchmark": name,
+        # the exact command line, budget options included (`command` may be a summary)
+        "invoked": f"python -m {module} {shlex.join(sys.argv[1:])}".strip(),
         "device": device_label(),
         "python": sys.version.split()[0],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
