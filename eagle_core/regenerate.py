@@ -769,6 +769,8 @@ def _regenerate_rows(
             "kept and this one is redone",
         )
     stats["kept"] = len(kept)
+    for row in kept:  # per kind, like download's counts (tokenize checks them)
+        stats[f"kept_{row.get('kind')}"] = stats.get(f"kept_{row.get('kind')}", 0) + 1
     stats["reject_examples"] = examples
     stats["rejected"] = sum(stats[f"rejected_{r}"] for r in REJECT_REASONS)
     return kept, stats
@@ -930,6 +932,13 @@ def regenerate(
                     "target and the server otherwise",
                 )
             totals["shards"] = shard_i
+            # the same counts a download artifact has, so tokenize reads either the same way
+            totals["rows"] = totals.get("kept", 0)
+            totals["by_kind"] = {
+                k.removeprefix("kept_"): v
+                for k, v in sorted(totals.items())
+                if k.startswith("kept_") and v
+            }
             totals["generate_s"] = round(gen_s, 3)
             totals["tokens_per_s"] = round(gen_tokens_this_run / gen_s, 2) if gen_s else None
             w.counts.update(totals)

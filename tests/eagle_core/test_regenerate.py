@@ -335,6 +335,9 @@ def test_local_backend_regenerates_chat_and_fim(target_dir: str, tmp_path) -> No
     assert rows["t-1"]["input_ids"] == [1, 2, 3] and rows["t-1"]["original_json"] is None
     assert "c-nothing" not in rows and "f-none" not in rows
     assert c["samples"] == 7 and c["kept"] == 5 and c["passthrough"] == 1
+    assert c["rows"] == 5 and c["by_kind"] == {
+        k: sum(r["kind"] == k for r in rows.values()) for k in ("chat", "fim", "tokens")
+    }
     assert c["rejected_empty"] == 2 and c["rejected"] == 2
     assert c["requests"] == 7  # 5 chat turns + 2 FIM middles
     assert c["finish_stop"] == 7 and c["finish_length"] == 0
