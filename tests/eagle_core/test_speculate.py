@@ -260,16 +260,11 @@ def test_bad_arguments() -> None:
         speculative_generate(target, draft, torch.ones(2, 3, dtype=torch.long), 4)
 
 
-@pytest.mark.slow
-def test_drafting_inside_generation_matches_the_ttt_unroll(small, trained_draft) -> None:
-    """The draft calls speculative_generate makes (recorded, not replaced) give the logits
-    the TTT training unroll gives for the same tokens: step 0 at every verified index, and
-    chain step k rooted at r = n-1 while its proposals equal the greedy continuation."""
-    target, tok = small
-    draft = trained_draft
-    p = _prompts(tok, ["def add(a, b):\n"])[0]
+def _steps_equal_to_ttt(target, draft, p: torch.Tensor, steps: int) -> int:
+    """Generate from prompt p [1, n] recording the draft's calls; assert they give the TTT
+    unroll's logits (step 0 at every verified index, chain step k rooted at r = n-1 while its
+    proposals equal the greedy continuation). Returns how many chain steps were compared."""
     n = p.shape[1]
-    steps = 4
     x = torch.tensor([p[0].tolist() + greedy_generate(target, p, steps + 2)])  # [1, n+K+2]
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     real_step = draft.step
@@ -298,6 +293,19 @@ def test_drafting_inside_generation_matches_the_ttt_unroll(small, trained_draft)
             break  # the chain left the greedy path: training has no matching step
         torch.testing.assert_close(logits_k[:, 0], ttt[k][:, n - 1], rtol=1e-4, atol=1e-5)
         compared += 1
+    return compared
+
+
+@pytest.mark.slow
+def test_drafting_inside_generation_matches_the_ttt_unroll(small, trained_draft) -> None:
+    """The draft calls speculative_generate makes (recorded, not replaced) give the logits
+    the TTT training unroll gives for the same tokens, on the training prompts (where the
+    trained draft follows the greedy path, so later chain steps are compared too)."""
+    target, tok = small
+    compared = sum(
+        _steps_equal_to_ttt(target, trained_draft, torch.tensor([tok.encode(t)[:3]]), 4)
+        for t in CODE
+    )
     assert compared >= 2, "the trained draft's chain should follow greedy for a few steps"
 
 
