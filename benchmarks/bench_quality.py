@@ -188,14 +188,19 @@ def prepare(store: ArtifactStore, target: str, budget: Budget) -> Data:
     return Data(target, train_records, heldout_records, tokens, vocab, hidden, heldout_hidden)
 
 
-def predicted_tau(step_acc: list[float] | None, k: int) -> float | None:
-    """τ predicted from per-step held-out accuracies a_1..a_k, read as conditional acceptance
-    rates: τ = 1 + Σ_{i=1..k} Π_{j<=i} a_j. None when fewer than k steps were trained."""
+def predicted_tau(step_acc: list[float | None] | None, k: int) -> float | None:
+    """τ predicted from per-step held-out rates a_1..a_k read as conditional acceptance rates:
+    τ = 1 + Σ_{i=1..k} Π_{j<=i} a_j. The rates are the serving-faithful conditional ones
+    (`heldout_step_cond_acc`) when the run logged them, else the teacher-forced accuracies.
+    None when fewer than k steps were trained, or a rate is unknown (None: no held-out chain
+    reached that step) while the product is still above 0 (a product of 0 stays 0)."""
     if not step_acc or len(step_acc) < k:
         return None
     tau, run = 1.0, 1.0
     for a in step_acc[:k]:
-        run *= a
+        if a is None and run != 0.0:
+            return None
+        run = 0.0 if a is None else run * a
         tau += run
     return tau
 
@@ -208,10 +213,14 @@ def consistency_rows(store: ArtifactStore, trained: StageRef, report: dict) -> d
     except ImportError:
         return {}
     rep = consistency_for(store, trained, report)
-    out: dict[str, Any] = {"tau_predicted_source": "eagle_core.consistency"}
+    out: dict[str, Any] = {
+        "tau_predicted_source": "eagle_core.consistency",
+        "tau_predicted_from": rep.predicted_from,  # "conditional" or "teacher-forced"
+    }
     for k in rep.kinds:
         suffix = "" if k.kind == "all" else f"_{k.kind}"
         out[f"tau_predicted{suffix}"] = k.tau_predicted
+        out[f"tau_predicted_teacher_forced{suffix}"] = k.tau_predicted_teacher_forced
         out[f"tau_gap{suffix}"] = k.tau_gap
     out["consistency_notes"] = list(rep.notes)
     return out
@@ -269,6 +278,7 @@ def train_and_evaluate(
     report = store.read_json(evaluated, "report.json")
     counts = store.manifest(trained.stage, trained.key).counts
     step_acc = counts.get("heldout_step_acc")
+    cond_acc = counts.get("heldout_step_cond_acc")  # serving-faithful; None for older runs
     row: dict[str, Any] = {
         "draft": label,
         "seed": seed,
@@ -279,7 +289,9 @@ def train_and_evaluate(
         "train_s": t_train,
         "evaluate_s": t_eval,
         "heldout_step_acc": step_acc,
-        "tau_predicted": predicted_tau(step_acc, budget.chain_steps),
+        "heldout_step_cond_acc": cond_acc,
+        "tau_predicted": predicted_tau(cond_acc or step_acc, budget.chain_steps),
+        "tau_predicted_teacher_forced": predicted_tau(step_acc, budget.chain_steps),
     }
     for kind in ("fim", "chat"):
         s = report["kinds"].get(kind)

@@ -2,29 +2,36 @@
 next to the evaluator's measured acceptance, and τ predicted from one next to τ measured.
 
 Notation: K the evaluator's chain length (`report.json` "steps"), a_k (k = 1..K) the training
-run's held-out accuracy of TTT step k-1 (the fraction of held-out positions whose draft argmax
-equals the target argmax; step k-1 at index t is draft position k of a chain rooted at t, see
-eagle_core/loss.py), N_k the evaluator's verify rounds that accepted at least k draft tokens,
-R its verify rounds.
+run's held-out rate for TTT step k-1 (step k-1 at index t is draft position k of a chain rooted
+at t, see eagle_core/loss.py), N_k the evaluator's verify rounds that accepted at least k draft
+tokens, R its verify rounds.
+
+a_k is, when the run logged it (`step_cond_acc`, train CODE after issue 12), the
+serving-faithful conditional acceptance: over held-out chains still alive at step k-1 (every
+earlier step hit, and every teacher-forced input token equals the target's argmax, i.e. what
+a greedy serving engine would have fed), the fraction whose draft argmax equals the target
+argmax. Older runs have only the teacher-forced per-step accuracy (`step_acc`: over all
+positions, whatever earlier steps did); it is then used instead, and the report says so. The
+teacher-forced prediction is always shown too: it over-predicts when a draft's errors are
+correlated across steps (a product of marginal accuracies assumes independence).
 
 What is compared, per draft position k:
 
-    training             a_k                       ≈ P(position k accepted | 1..k-1 accepted)
+    training             a_k (conditional)         ≈ P(position k accepted | 1..k-1 accepted)
     measured (evaluate)  c_k = N_k / N_{k-1}       (N_0 = R; report "conditional_accept_rate…")
     predicted            p_k = a_1 · … · a_k       ≈ P(at least k accepted)
     measured (evaluate)  r_k = N_k / R             (report "accept_rate_per_position")
 
     τ_pred = 1 + Σ_{k=1..K} p_k                   τ_meas = 1 + Σ accepted / R = 1 + Σ_k r_k
 
-Step k's training accuracy is conditional by construction: its input tokens are the true
-ones (as if positions 1..k-1 had been accepted) and its hidden input is the draft's own
-previous output (as in serving). So a_k estimates c_k, and the product of conditional
-acceptances estimates r_k; the gaps (measured − predicted) show where training and serving
-disagree. Known reasons for a gap besides misalignment, listed in every report's notes:
-training accuracy skips positions whose target argmax is outside the draft vocab (serving
-always rejects those); the held-out split of training is not the evaluator's prompt set;
-the last round of a prompt may propose fewer than K tokens (max_new_tokens / end of text),
-which lowers r_k; sampling (temperature > 0) and tree drafting are not what a_k models.
+The conditional a_k estimates c_k, and the product of conditional acceptances estimates r_k
+(a step no chain reached has no a_k; when the product is already 0 there it stays 0); the gaps
+(measured − predicted) show where training and serving disagree. Known reasons for a gap
+besides misalignment, listed in every report's notes: training accuracy skips positions
+whose target argmax is outside the draft vocab (serving always rejects those); the held-out
+split of training is not the evaluator's prompt set; the last round of a prompt may propose
+fewer than K tokens (max_new_tokens / end of text), which lowers r_k; sampling (temperature
+> 0) and tree drafting are not what a_k models.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class TrainAccuracy:
         samples: held-out samples it was measured on (None = unknown).
         step_count: positions each step's accuracy was measured on, when the record has
             them (`step_count`); a step with 0 positions has no accuracy (its 0.0 is not one).
+        step_cond_acc: serving-faithful conditional acceptance of step 0, 1, ... (None where
+            no chain reached the step); None = the run did not log it (older runs).
+        step_cond_roots: chains each conditional rate was measured on.
     """
 
     step_acc: tuple[float, ...]
@@ -66,6 +76,8 @@ class TrainAccuracy:
     step: int | None = None
     samples: int | None = None
     step_count: tuple[int, ...] | None = None
+    step_cond_acc: tuple[float | None, ...] | None = None
+    step_cond_roots: tuple[int, ...] | None = None
 
     def usable_steps(self) -> int:
         """Leading steps with a measured accuracy (all, unless a step had no position)."""
@@ -73,18 +85,25 @@ class TrainAccuracy:
             return len(self.step_acc)
         return next((i for i, c in enumerate(self.step_count) if c <= 0), len(self.step_acc))
 
+    @property
+    def predictor(self) -> str:
+        """Which rates τ is predicted from: "conditional" when logged, else "teacher-forced"."""
+        return "conditional" if self.step_cond_acc else "teacher-forced"
+
 
 @dataclass(frozen=True)
 class PositionRow:
     """One draft position k (1-based) of one prompt kind; None where not measured."""
 
     position: int
-    train_acc: float | None  # a_k
+    train_acc: float | None  # teacher-forced per-step accuracy of step k-1
     measured_conditional: float | None  # c_k
-    conditional_gap: float | None  # c_k - a_k
+    conditional_gap: float | None  # c_k - a_k (a_k: the rate the prediction uses)
     predicted_rate: float | None  # p_k = a_1 ... a_k
     measured_rate: float | None  # r_k
     rate_gap: float | None  # r_k - p_k
+    train_cond_acc: float | None = None  # serving-faithful conditional rate (None: not logged)
+    predicted_rate_teacher_forced: float | None = None  # product of the train_acc values
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,7 @@ class KindConsistency:
     tau_measured: float | None
     tau_gap: float | None  # measured - predicted
     positions: tuple[PositionRow, ...]
+    tau_predicted_teacher_forced: float | None = None  # from the teacher-forced accuracies
 
 
 @dataclass(frozen=True)
@@ -113,6 +133,7 @@ class ConsistencyReport:
     notes: tuple[str, ...]
     train_url: str = ""
     eval_url: str = ""
+    predicted_from: str = "teacher-forced"  # "conditional" (serving-faithful) or "teacher-forced"
 
     def kind(self, name: str) -> KindConsistency:
         """The rows of one kind (KeyError when the evaluation had no such prompts)."""
@@ -125,6 +146,9 @@ class ConsistencyReport:
         """A JSON-able dict (what `consistency.json` holds)."""
         d = asdict(self)
         d["train"]["step_acc"] = list(self.train.step_acc)
+        for name in ("step_count", "step_cond_acc", "step_cond_roots"):
+            if d["train"][name] is not None:
+                d["train"][name] = list(d["train"][name])
         return d
 
     def to_json(self) -> str:
@@ -148,12 +172,22 @@ class ConsistencyReport:
             + (f" ({self.train_url})" if self.train_url else "")
             + ".",
             "",
-            "| kind | prompts | τ predicted | τ measured | gap (measured − predicted) |",
-            "|---|---|---|---|---|",
+            "τ predicted from: "
+            + (
+                "serving-faithful conditional acceptance (chains along the target's greedy path)"
+                if self.predicted_from == "conditional"
+                else "teacher-forced per-step accuracy (the run logged no conditional rates)"
+            )
+            + ".",
+            "",
+            f"| kind | prompts | τ predicted ({self.predicted_from}) | τ predicted "
+            "(teacher-forced) | τ measured | gap (measured − predicted) |",
+            "|---|---|---|---|---|---|",
         ]
         for k in self.kinds:
             lines.append(
-                f"| {k.kind} | {k.prompts} | {_f(k.tau_predicted)} | {_f(k.tau_measured)} | "
+                f"| {k.kind} | {k.prompts} | {_f(k.tau_predicted)} | "
+                f"{_f(k.tau_predicted_teacher_forced)} | {_f(k.tau_measured)} | "
                 f"{_f(k.tau_gap, '+.3f')} |"
             )
         for k in self.kinds:
@@ -161,20 +195,23 @@ class ConsistencyReport:
                 "",
                 f"## {k.kind}",
                 "",
-                "| position k | train acc a_k | measured P(k ok given k−1 ok) | gap | "
-                "predicted P(≥k ok) | measured P(≥k ok) | gap |",
-                "|---|---|---|---|---|---|---|",
+                "| position k | train acc (teacher-forced) | train conditional | measured "
+                "P(k ok given k−1 ok) | gap | predicted P(≥k ok) | measured P(≥k ok) | gap |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in k.positions:
                 lines.append(
-                    f"| {r.position} | {_f(r.train_acc)} | {_f(r.measured_conditional)} | "
+                    f"| {r.position} | {_f(r.train_acc)} | {_f(r.train_cond_acc)} | "
+                    f"{_f(r.measured_conditional)} | "
                     f"{_f(r.conditional_gap, '+.3f')} | {_f(r.predicted_rate)} | "
                     f"{_f(r.measured_rate)} | {_f(r.rate_gap, '+.3f')} |"
                 )
         lines += [
             "",
-            "τ predicted = 1 + Σ_k a_1·…·a_k over the evaluator's chain positions; τ measured "
-            "= 1 + accepted draft tokens / verify rounds. A gap is measured − predicted.",
+            "τ predicted = 1 + Σ_k a_1·…·a_k over the evaluator's chain positions (a_k: the "
+            "conditional rate when logged, else the teacher-forced accuracy; the teacher-forced "
+            "τ is shown too); τ measured = 1 + accepted draft tokens / verify rounds. A gap is "
+            "measured − predicted.",
             "",
         ]
         if self.notes:
@@ -201,6 +238,26 @@ def _acc_list(v: Any, where: str) -> tuple[float, ...]:
             )
         out.append(float(x))
     return tuple(out)
+
+
+def _cond_list(v: Any, where: str) -> tuple[float | None, ...] | None:
+    """Conditional rates (None entries: no chain reached the step); None when not logged."""
+    if v is None:
+        return None
+    if not isinstance(v, Sequence) or isinstance(v, str):
+        raise DataError(
+            f"{where} is not a list of per-step conditional rates ({type(v).__name__})",
+            fix="pass the training run's metrics.jsonl rows or its manifest counts",
+        )
+    out: list[float | None] = []
+    for i, x in enumerate(v):
+        out.append(None if x is None else _acc_list([x], f"{where}[{i}]")[0])
+    return tuple(out) if out else None
+
+
+def _count_list(v: Any) -> tuple[int, ...] | None:
+    ok = isinstance(v, Sequence) and not isinstance(v, str)
+    return tuple(int(c) for c in v) if ok else None
 
 
 def train_accuracy(train_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> TrainAccuracy:
@@ -232,6 +289,8 @@ def train_accuracy(train_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]
                 _int_or_none(train_metrics.get("step")),
                 _int_or_none(train_metrics.get("samples")) if heldout else None,
                 counts,
+                _cond_list(train_metrics.get("step_cond_acc"), "metrics record step_cond_acc"),
+                _count_list(train_metrics.get("step_cond_roots")),
             )
         if train_metrics.get("heldout_step_acc") is not None:
             return TrainAccuracy(
@@ -239,6 +298,10 @@ def train_accuracy(train_metrics: Mapping[str, Any] | Sequence[Mapping[str, Any]
                 "heldout",
                 _int_or_none(train_metrics.get("steps")),
                 _int_or_none(train_metrics.get("heldout_samples")),
+                step_cond_acc=_cond_list(
+                    train_metrics.get("heldout_step_cond_acc"), "counts.heldout_step_cond_acc"
+                ),
+                step_cond_roots=_count_list(train_metrics.get("heldout_step_cond_roots")),
             )
         if train_metrics.get("final_step_acc") is not None:
             return TrainAccuracy(
@@ -324,28 +387,40 @@ def consistency_report(
             "evaluate report has no 'kinds' and no 'all' summary",
             fix="pass the report.json of an evaluate artifact (eagle_core/evaluate.py)",
         )
-    n_pred = min(steps, train.usable_steps())
-    acc: list[float | None] = [*train.step_acc[:n_pred], *[None] * (steps - n_pred)]
-    predicted: list[float | None] = [
-        math.prod(train.step_acc[: k + 1]) if k < n_pred else None for k in range(steps)
+    n_tf = min(steps, train.usable_steps())
+    acc: list[float | None] = [*train.step_acc[:n_tf], *[None] * (steps - n_tf)]
+    predicted_tf: list[float | None] = [
+        math.prod(train.step_acc[: k + 1]) if k < n_tf else None for k in range(steps)
     ]
+    tau_tf = 1.0 + sum(p for p in predicted_tf if p is not None) if n_tf else None
+    cond: list[float | None] = [None] * steps
+    if train.step_cond_acc:
+        cond = [*train.step_cond_acc[:steps], *[None] * (steps - len(train.step_cond_acc))]
+        cond = cond[:steps]
+        used = cond
+        predicted = _chain_products(cond, steps)
+    else:
+        used, predicted = acc, predicted_tf
+    n_pred = next((k for k, p in enumerate(predicted) if p is None), steps)
     tau_pred = 1.0 + sum(p for p in predicted if p is not None) if n_pred else None
 
     order = [k for k in KIND_ORDER if k in kinds_in] + sorted(set(kinds_in) - set(KIND_ORDER))
     kinds = []
     for name in order:
         s = kinds_in[name]
-        cond = _rates(s, "conditional_accept_rate_per_position", steps, name)
+        meas_cond = _rates(s, "conditional_accept_rate_per_position", steps, name)
         rate = _rates(s, "accept_rate_per_position", steps, name)
         rows = tuple(
             PositionRow(
                 position=k + 1,
                 train_acc=acc[k],
-                measured_conditional=cond[k],
-                conditional_gap=_diff(cond[k], acc[k]),
+                measured_conditional=meas_cond[k],
+                conditional_gap=_diff(meas_cond[k], used[k]),
                 predicted_rate=predicted[k],
                 measured_rate=rate[k],
                 rate_gap=_diff(rate[k], predicted[k]),
+                train_cond_acc=cond[k],
+                predicted_rate_teacher_forced=predicted_tf[k],
             )
             for k in range(steps)
         )
@@ -360,9 +435,23 @@ def consistency_report(
                 tau_measured=tau,
                 tau_gap=_diff(tau, tau_pred),
                 positions=rows,
+                tau_predicted_teacher_forced=tau_tf,
             )
         )
-    notes = _notes(train, steps, mode, temperature, n_pred)
+    notes = _notes(train, steps, mode, temperature, n_pred if train.step_cond_acc else n_tf)
+    if train.step_cond_acc and n_pred < min(steps, len(train.step_cond_acc)):
+        notes.insert(
+            0,
+            f"no held-out chain reached TTT step {n_pred} (draft position {n_pred + 1}) along "
+            "the target's greedy path: the conditional prediction stops there (a lower bound)",
+        )
+    elif not train.step_cond_acc and train.source != "none":
+        notes.insert(
+            0,
+            "the training run logged no serving-faithful conditional rates (trained before "
+            "they existed): τ is predicted from the teacher-forced per-step accuracy, which "
+            "over-predicts when the draft's errors are correlated across steps",
+        )
     report = ConsistencyReport(
         steps=steps,
         mode=mode,
@@ -373,16 +462,33 @@ def consistency_report(
         notes=tuple(notes),
         train_url=train_url,
         eval_url=eval_url,
+        predicted_from=train.predictor,
     )
     for k in report.kinds:
         log.info(
-            "consistency %s: τ predicted %s, measured %s (gap %s)",
+            "consistency %s: τ predicted (%s) %s, teacher-forced %s, measured %s (gap %s)",
             k.kind,
+            report.predicted_from,
             _f(k.tau_predicted),
+            _f(k.tau_predicted_teacher_forced),
             _f(k.tau_measured),
             _f(k.tau_gap, "+.3f"),
         )
     return report
+
+
+def _chain_products(rates: Sequence[float | None], steps: int) -> list[float | None]:
+    """p_k = a_1 · … · a_k for k = 1..steps; None from the first unknown a_k on, except that
+    a product already 0 stays 0 (no chain survives to a step that none reached)."""
+    out: list[float | None] = []
+    p = 1.0
+    for k in range(steps):
+        a = rates[k] if k < len(rates) else None
+        if a is None and p != 0.0:
+            break
+        p = 0.0 if a is None else p * a
+        out.append(p)
+    return out + [None] * (steps - len(out))
 
 
 def _diff(measured: float | None, predicted: float | None) -> float | None:
@@ -478,12 +584,15 @@ def markdown_of(report: Mapping[str, Any]) -> str:
 
 
 def _from_dict(d: Mapping[str, Any]) -> ConsistencyReport:
-    counts = d["train"].get("step_count")
+    tr = d["train"]
     train = TrainAccuracy(
         **{
-            **d["train"],
-            "step_acc": tuple(d["train"]["step_acc"]),
-            "step_count": None if counts is None else tuple(counts),
+            **tr,
+            "step_acc": tuple(tr["step_acc"]),
+            **{
+                name: None if tr.get(name) is None else tuple(tr[name])
+                for name in ("step_count", "step_cond_acc", "step_cond_roots")
+            },
         }
     )
     kinds = tuple(

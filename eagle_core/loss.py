@@ -38,6 +38,22 @@ over all positions, masked ones included), so their loss scale falls with paddin
 density; EAGLE-1/2 divided by loss_mask.sum(), as we do. Accuracy_k = fraction of weighted
 positions where the draft argmax equals the target argmax (both in the draft vocab).
 
+Serving-faithful conditional acceptance (metrics only, no extra forward): teacher forcing feeds
+step k the DATA token x[t+1+k], while a greedy serving engine feeds the draft's own step k-1
+token, which (when accepted) is the target's argmax g[t+k] (g: the argmax over the draft rows;
+where the full-vocab argmax is not a draft token the weight is 0). A chain rooted at t (a
+position with step-0 weight > 0) is alive at step k when, for every j < k, step j hit (draft
+argmax_j[t] == g[t+1+j]), had weight > 0, and x[t+2+j] == g[t+1+j] (the teacher-forced input
+of step j+1 is what serving would feed; the root's own input x[t+1] is not required to be g[t]:
+the root is a context, as in the teacher-forced step 0). Per step k:
+cond_roots_k = #{alive at k with weight_k > 0}, cond_hits_k = # of those that hit. A chain whose
+data token leaves the target's greedy path is dropped from then on (censored, not a miss), so
+Π_k cond_hits_k / cond_roots_k estimates P(a chain accepts at least k tokens) even on data the
+target did not write, and captures errors correlated across steps (a product of the per-step
+accuracies assumes they are independent). With alignment="reference" the same counts are taken
+from the reference forward and weights: the conditional accuracy of that training forward along
+the target's greedy path (its attention and positions are not what serving computes).
+
 The target's distribution is computed from `last_hidden` through the target lm_head rows of
 the draft vocab only (`W_head[draft_target_ids]`, fp32 over Vd), never full-vocab fp32 logits;
 softmax over those rows equals the full softmax gathered on the draft vocab and renormalised.
@@ -130,6 +146,10 @@ class LossOutput:
     step_acc: list[float]
     step_count: list[int]
     step_feature_loss: list[float] = field(default_factory=list)  # EAGLE-1 only
+    # serving-faithful conditional acceptance counts per step (module docstring): chains alive
+    # at step k with weight > 0, and how many of them the draft's argmax continues
+    step_cond_hits: list[int] = field(default_factory=list)
+    step_cond_roots: list[int] = field(default_factory=list)
 
 
 def shift_left(x: Tensor, n: int) -> Tensor:
@@ -277,12 +297,16 @@ def compute_loss(
         with_logits=not cfg.checkpoint_head,
     )
     t_len = batch.input_ids.shape[1]
+    # chains alive at the current step, per root index t (serving-faithful acceptance)
+    alive = torch.ones_like(batch.input_ids, dtype=torch.bool)  # [B, T]
+    cond: list[Tensor] = []  # per step: [hits, roots] int64
     for k, (hidden_out, logits) in enumerate(steps):
         span = t_len - 1 - k  # indices t whose target position t+1+k exists
         if span <= 0:
             out.step_loss.append(0.0)
             out.step_acc.append(0.0)
             out.step_count.append(0)
+            cond.append(torch.zeros(2, dtype=torch.long, device=alive.device))
             if is_eagle1:
                 out.step_feature_loss.append(0.0)
             continue
@@ -307,9 +331,19 @@ def compute_loss(
             loss_k = cfg.eagle1_feature_weight * feat_k + cfg.eagle1_ce_weight * loss_k
         total = total + (cfg.decay**k) * loss_k
         with torch.no_grad():
-            hit = (draft_argmax == t_argmax[:, 1 + k :]).float()
+            hit_b = draft_argmax == t_argmax[:, 1 + k :]  # [B, span]
+            hit = hit_b.float()
             out.step_acc.append(float((hit * w).sum() / denom))
+            live = alive[:, :span] & (w > 0)  # [B, span]; step 0: the roots
+            cond.append(torch.stack([(live & hit_b).sum(), live.sum()]))
+            # step k+1 is fed x[t+2+k]; serving feeds the accepted draft token g[t+1+k]
+            same_input = batch.input_ids[:, 2 + k :] == t_argmax[:, 1 + k : t_len - 1]
+            alive = torch.zeros_like(alive)
+            alive[:, : span - 1] = (live & hit_b)[:, : span - 1] & same_input
         out.step_loss.append(float(loss_k.detach()))
         out.step_count.append(int(n.item()))
+    counts = torch.stack(cond).tolist() if cond else []  # one device-to-host read
+    out.step_cond_hits = [int(c[0]) for c in counts]
+    out.step_cond_roots = [int(c[1]) for c in counts]
     out.loss = total
     return out

@@ -689,6 +689,8 @@ class _StepStats:
     samples: int = 0
     hits: list[float] = field(default_factory=list)
     counts: list[float] = field(default_factory=list)
+    cond_hits: list[float] = field(default_factory=list)  # serving-faithful chains (loss.py)
+    cond_roots: list[float] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)
 
     def add(self, out: Any, batch: CollatedBatch, loss: float | None = None) -> None:
@@ -704,21 +706,36 @@ class _StepStats:
         for i in range(k):
             self.hits[i] += out.step_acc[i] * out.step_count[i]
             self.counts[i] += out.step_count[i]
+        if out.step_cond_roots:
+            if not self.cond_roots:
+                self.cond_hits, self.cond_roots = [0.0] * k, [0.0] * k
+            for i in range(k):
+                self.cond_hits[i] += out.step_cond_hits[i]
+                self.cond_roots[i] += out.step_cond_roots[i]
 
     def reduce(self, device: torch.device, ttt_steps: int) -> dict[str, Any]:
-        hits = self.hits or [0.0] * ttt_steps
-        counts = self.counts or [0.0] * ttt_steps
+        n = ttt_steps
+        hits = self.hits or [0.0] * n
+        counts = self.counts or [0.0] * n
+        cond_hits = self.cond_hits or [0.0] * n
+        cond_roots = self.cond_roots or [0.0] * n
         vals = _all_reduce_sum(
-            [self.loss_sum, self.micro, self.tokens, self.samples, *hits, *counts], device
+            [self.loss_sum, self.micro, self.tokens, self.samples, *hits, *counts]
+            + [*cond_hits, *cond_roots],
+            device,
         )
         loss_sum, micro, tokens, samples = vals[:4]
-        h, c = vals[4 : 4 + ttt_steps], vals[4 + ttt_steps :]
+        h, c = vals[4 : 4 + n], vals[4 + n : 4 + 2 * n]
+        ch, cr = vals[4 + 2 * n : 4 + 3 * n], vals[4 + 3 * n :]
         return {
             "loss": loss_sum / max(micro, 1.0),
             "tokens": int(tokens),
             "samples": int(samples),
             "step_acc": [hi / ci if ci else 0.0 for hi, ci in zip(h, c, strict=True)],
             "step_count": [int(ci) for ci in c],
+            # None: no chain reached that step (the rate is unknown, not 0)
+            "step_cond_acc": [hi / ri if ri else None for hi, ri in zip(ch, cr, strict=True)],
+            "step_cond_roots": [int(ri) for ri in cr],
         }
 
 
@@ -834,6 +851,10 @@ def _evaluate(
     return {
         "loss": res["loss"],
         "step_acc": res["step_acc"],
+        # serving-faithful conditional acceptance per step (eagle_core/loss.py) and the
+        # number of chains it was measured on
+        "step_cond_acc": res["step_cond_acc"],
+        "step_cond_roots": res["step_cond_roots"],
         "tokens": res["tokens"],
         "samples": res["samples"],
     }
@@ -1197,6 +1218,8 @@ def _publish(
                 final_step_acc=train_records[-1]["step_acc"] if train_records else None,
                 heldout_loss=last_eval["loss"] if last_eval else None,
                 heldout_step_acc=last_eval["step_acc"] if last_eval else None,
+                heldout_step_cond_acc=last_eval["step_cond_acc"] if last_eval else None,
+                heldout_step_cond_roots=last_eval["step_cond_roots"] if last_eval else None,
             )
             w.meta.update(
                 kind=cfg.kind,

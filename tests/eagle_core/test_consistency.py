@@ -163,8 +163,9 @@ def test_notes_for_tree_and_sampling_and_missing_kinds() -> None:
 def test_markdown_and_json() -> None:
     rep = consistency_report(METRICS, _report(), train_url="/r/train/k", eval_url="/r/ev/k")
     md = rep.to_markdown()
-    assert "| chat | 2 | 2.200 | 1.900 | -0.300 |" in md
-    assert "| 2 | 0.500 | 0.500 | +0.000 | 0.400 | 0.300 | -0.100 |" in md
+    assert "| chat | 2 | 2.200 | 2.200 | 1.900 | -0.300 |" in md  # no conditional rates logged
+    assert "| 2 | 0.500 | – | 0.500 | +0.000 | 0.400 | 0.300 | -0.100 |" in md
+    assert "predicted from: teacher-forced" in md and rep.predicted_from == "teacher-forced"
     assert "## fim" in md and "held-out split at step 2" in md and "/r/train/k" in md
     doc = json.loads(rep.to_json())
     assert doc["kinds"][0]["kind"] == "chat" and doc["train"]["step_acc"] == [0.8, 0.5]
@@ -236,13 +237,23 @@ def test_evaluate_with_train_ref_writes_the_report(
     assert {"consistency.json", "consistency.md"} <= set(store.list_files(ref))
     doc = store.read_json(ref, "consistency.json")
     report = store.read_json(ref, "report.json")
-    acc = store.manifest("train", train_ref.key).counts["heldout_step_acc"]
+    counts = store.manifest("train", train_ref.key).counts
+    acc, cond = counts["heldout_step_acc"], counts["heldout_step_cond_acc"]
     assert doc["train"]["source"] == "heldout" and doc["train"]["step_acc"] == pytest.approx(acc)
+    assert doc["predicted_from"] == "conditional" and len(cond) == 3
+    assert counts["heldout_step_cond_roots"][0] > 0 and cond[0] == pytest.approx(acc[0])
+    pred, p = 1.0, 1.0  # the serving-faithful conditional rates, None: no chain got there
+    for a in cond:
+        if a is None and p:
+            break
+        p = 0.0 if a is None else p * a
+        pred += p
     assert [k["kind"] for k in doc["kinds"]] == ["chat", "fim", "all"]
     for k in doc["kinds"]:
         measured = report["all"] if k["kind"] == "all" else report["kinds"][k["kind"]]
         assert k["tau_measured"] == pytest.approx(measured["tau"])
-        pred = 1 + acc[0] + acc[0] * acc[1] + acc[0] * acc[1] * acc[2]
+        tf = 1 + acc[0] + acc[0] * acc[1] + acc[0] * acc[1] * acc[2]
+        assert k["tau_predicted_teacher_forced"] == pytest.approx(tf)
         assert k["tau_predicted"] == pytest.approx(pred)
         assert 1.0 <= k["tau_measured"] <= 4.0 and 1.0 <= k["tau_predicted"] <= 4.0
         assert [r["position"] for r in k["positions"]] == [1, 2, 3]
