@@ -16,6 +16,7 @@ install gives another key (its source text differs), the same one gives the same
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -433,17 +434,19 @@ def build_demo_target(
             cfg.train_steps,
             cfg.max_train_seconds,
         )
-        result = train_lm(
-            model,
-            blocks,
-            steps=cfg.train_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            seed=cfg.seed,
-            max_seconds=cfg.max_train_seconds,
-            progress=progress,
-        )
-        metrics = evaluate_target(model, tokenizer, data["heldout"], cfg)
+        with all_cores() as threads:
+            log.info("%s: training on %d threads", STAGE, threads)
+            result = train_lm(
+                model,
+                blocks,
+                steps=cfg.train_steps,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                seed=cfg.seed,
+                max_seconds=cfg.max_train_seconds,
+                progress=progress,
+            )
+            metrics = evaluate_target(model, tokenizer, data["heldout"], cfg)
         log.info(
             "%s: held-out loss %.3f, next-token accuracy %.3f, FIM middle-token accuracy %.3f, "
             "FIM exact match %.3f",
@@ -486,6 +489,27 @@ def build_demo_target(
                 seconds=round(time.monotonic() - t0, 1),
             )
     return store.ref(STAGE, key)
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Let torch use every core this process may run on while the block runs.
+
+    The build is one process, but OMP_NUM_THREADS=1 is common where it runs (the Makefile
+    sets it for multi-process DeepSpeed runs; so do many job schedulers): with one thread the
+    300 steps take ~14 min instead of ~7 on 2 cores and hit the 10-minute cap. More threads
+    change float rounding only (the issue's "reproducible within float noise").
+    """
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(before, cores))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _capped_texts(texts: Sequence[str], max_chars: int) -> list[str]:

@@ -223,3 +223,18 @@ def test_pack_blocks_and_time_cap() -> None:
     assert res.steps == 1 and res.stopped_by_time
     res = train_lm(model, data, steps=2, batch_size=2, lr=1e-3, seed=0, show_bar=False)
     assert res.steps == 2 and not res.stopped_by_time and not model.training
+
+
+def test_all_cores_raises_torch_threads_for_the_block_only() -> None:
+    import torch
+
+    from eagle_core.demo.build import all_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with all_cores() as n:
+            assert n == torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
