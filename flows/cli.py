@@ -587,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     # (x-amz-security-token = the session token), which must never reach a log
     for name in _QUIET_WHEN_VERBOSE:
         logging.getLogger(name).setLevel(logging.INFO)
+    # one INFO line per Prefect API call (progress artifacts update every few seconds) would
+    # bury the stage logs
+    logging.getLogger("httpx").setLevel(logging.INFO if ns.verbose else logging.WARNING)
     from pydantic import ValidationError
 
     from storage.errors import PipelineError
