@@ -29,7 +29,7 @@ import sys
 import time
 import typing
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -455,6 +455,22 @@ def run_logs(ui: UIServer, run_id: str) -> list[tuple[str, str]]:
         offset += len(batch)
 
 
+def wait_for_log(
+    ui: UIServer, run_id: str, wanted: Callable[[str], bool], timeout_s: float = 60
+) -> list[str]:
+    """The run's log messages once one satisfies `wanted`.
+
+    Prefect ships log lines from the flow's process in batches, so the last stage's lines can
+    reach the API after the run is already COMPLETED.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        messages = [m for _, m in run_logs(ui, run_id)]
+        if any(wanted(m) for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(1)
+
+
 def test_quick_run_submitted_from_the_form(page: Any, ui_server: UIServer, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
@@ -483,7 +499,9 @@ def test_quick_run_submitted_from_the_form(page: Any, ui_server: UIServer, tmp_p
 
     # 4. the served deployment runs it to completion
     wait_for_run(ui_server, run_id)
-    result_logs = [m for _, m in run_logs(ui_server, run_id)]
+    result_logs = wait_for_log(
+        ui_server, run_id, lambda m: m.startswith("evaluate ") and ": computed in" in m
+    )
     for stage in ("download", "tokenize", "scan_vocab", "extract_hidden", "train", "export"):
         assert any(m.startswith(f"{stage} ") and ": computed in" in m for m in result_logs), (
             f"no 'computed' line for {stage} on a fresh root"
