@@ -302,6 +302,17 @@ class ChatBatch:
         a, b = int(self.bounds[k]), int(self.bounds[k + 1])
         return self.ids[a:b], self.mask[a:b]
 
+    def results(self) -> list[ChatSample | Rejected]:
+        """One result per input conversation, in input order: ChatSample (input_ids [T],
+        loss_mask [T] as lists) or its Rejected(ChatReason...)."""
+        results: list[ChatSample | Rejected | None] = [None] * (len(self.index) + len(self.rejects))
+        for n, rej in self.rejects:
+            results[n] = rej
+        for k, n in enumerate(self.index):
+            ids, mask = self.sample(k)
+            results[n] = ChatSample(ids.tolist(), mask.tolist(), self.turns_without_eot[k])
+        return results  # type: ignore[return-value]
+
 
 def tokenize_chat_batch(
     tokenizer: Any,
@@ -319,10 +330,18 @@ def tokenize_chat_batch(
     `{% generation %}` char spans (generation mode, exactly transformers' assistant mask)
     or from the token offsets (offsets mode, module docstring).
 
-    Args: as `tokenize_chats`.
+    Args:
+        tokenizer: a fast transformers tokenizer (offsets need the Rust backend; a slow one
+            takes transformers' own path, generation mode only).
+        conversations: normalized turns (see eagle_core.records).
+        template: the Jinja chat template (see `resolve_chat_template`).
+        mask_mode: how assistant tokens are found (module docstring).
+        last_turn_only: mask only the last assistant turn.
+        keep_reasoning: render assistant reasoning (and train on it) or drop it.
 
     Returns:
-        ChatBatch of the conversations that tokenized; the others in `.rejects`.
+        ChatBatch of the conversations that tokenized; the others in `.rejects`
+        (`.results()`: one ChatSample or Rejected per conversation, in input order).
     """
     all_msgs = [template_messages(conv, keep_reasoning) for conv in conversations]
     backend = plain_encoder(tokenizer)
@@ -426,45 +445,6 @@ def keep_last_run_inplace(mask: np.ndarray) -> None:
     end = int(ones[-1]) + 1
     zeros = np.flatnonzero(mask[:end] == 0)
     mask[: int(zeros[-1]) + 1 if zeros.size else 0] = 0
-
-
-def tokenize_chats(
-    tokenizer: Any,
-    conversations: Sequence[Sequence[dict[str, str]]],
-    *,
-    template: str,
-    mask_mode: Literal["offsets", "generation"] = "offsets",
-    last_turn_only: bool = False,
-    keep_reasoning: bool = True,
-) -> list[ChatSample | Rejected]:
-    """Render and tokenize a batch of conversations; one result per conversation.
-
-    Args:
-        tokenizer: a fast transformers tokenizer (offsets need the Rust backend).
-        conversations: normalized turns (see eagle_core.records).
-        template: the Jinja chat template (see `resolve_chat_template`).
-        mask_mode: how assistant tokens are found (module docstring).
-        last_turn_only: mask only the last assistant turn.
-        keep_reasoning: render assistant reasoning (and train on it) or drop it.
-
-    Returns:
-        ChatSample (input_ids [T], loss_mask [T]) or Rejected(ChatReason...).
-    """
-    batch = tokenize_chat_batch(
-        tokenizer,
-        conversations,
-        template=template,
-        mask_mode=mask_mode,
-        last_turn_only=last_turn_only,
-        keep_reasoning=keep_reasoning,
-    )
-    results: list[ChatSample | Rejected | None] = [None] * len(conversations)
-    for n, rej in batch.rejects:
-        results[n] = rej
-    for k, n in enumerate(batch.index):
-        ids, mask = batch.sample(k)
-        results[n] = ChatSample(ids.tolist(), mask.tolist(), batch.turns_without_eot[k])
-    return results  # type: ignore[return-value]
 
 
 def _template_error(exc: Exception) -> Rejected:

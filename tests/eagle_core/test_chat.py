@@ -11,7 +11,7 @@ from eagle_core.chat import (
     find_assistant_spans,
     keep_last_run,
     resolve_chat_template,
-    tokenize_chats,
+    tokenize_chat_batch,
 )
 from eagle_core.errors import ConfigError
 from eagle_core.records import Rejected
@@ -70,7 +70,9 @@ def test_masked_ids_decode_to_assistant_turns(bpe_tokenizer_factory, template, k
     tmpl = resolve_chat_template(tok)
     mode = choose_mask_mode(tmpl, "auto")
     assert mode == ("generation" if template == "chatml_generation" else "offsets")
-    out = tokenize_chats(tok, CONVS, template=tmpl, mask_mode=mode, keep_reasoning=keep_reasoning)
+    out = tokenize_chat_batch(
+        tok, CONVS, template=tmpl, mask_mode=mode, keep_reasoning=keep_reasoning
+    ).results()
     for conv, s in zip(CONVS, out, strict=True):
         assert not isinstance(s, Rejected), s
         # the ids are the one-shot tokenization of the rendered text
@@ -90,17 +92,17 @@ def test_masked_ids_decode_to_assistant_turns(bpe_tokenizer_factory, template, k
 def test_offsets_and_generation_masks_agree(bpe_tokenizer_factory):
     tok = AutoTokenizer.from_pretrained(bpe_tokenizer_factory("starcoder", "chatml_generation"))
     tmpl = resolve_chat_template(tok)
-    a = tokenize_chats(tok, CONVS, template=tmpl, mask_mode="generation")
-    b = tokenize_chats(tok, CONVS, template=tmpl, mask_mode="offsets")
+    a = tokenize_chat_batch(tok, CONVS, template=tmpl, mask_mode="generation").results()
+    b = tokenize_chat_batch(tok, CONVS, template=tmpl, mask_mode="offsets").results()
     assert a == b
 
 
 @pytest.mark.parametrize("mode", ["offsets", "generation"])
 def test_last_turn_only(bpe_tokenizer_factory, mode):
     tok = AutoTokenizer.from_pretrained(bpe_tokenizer_factory("starcoder", "chatml_generation"))
-    s = tokenize_chats(
+    s = tokenize_chat_batch(
         tok, CONVS[:1], template=resolve_chat_template(tok), mask_mode=mode, last_turn_only=True
-    )[0]
+    ).results()[0]
     runs = masked_runs(s.input_ids, s.loss_mask)
     assert [tok.decode(r) for r in runs] == [CONVS[0][-1]["content"] + "<|im_end|>"]
 
@@ -113,7 +115,7 @@ def test_system_and_user_never_masked(bpe_tokenizer_factory):
         {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": "Hello"},
     ]
-    s = tokenize_chats(tok, [conv], template=resolve_chat_template(tok))[0]
+    s = tokenize_chat_batch(tok, [conv], template=resolve_chat_template(tok)).results()[0]
     first_masked = s.loss_mask.index(1)
     assert sum(s.loss_mask) == len(tok.encode("Hello<|im_end|>", add_special_tokens=False))
     assert tok.decode(s.input_ids[:first_masked]).endswith("<|im_start|>assistant\n")
@@ -122,13 +124,13 @@ def test_system_and_user_never_masked(bpe_tokenizer_factory):
 def test_template_error_and_missing_answer_are_rejects(bpe_tokenizer_factory):
     tok = AutoTokenizer.from_pretrained(bpe_tokenizer_factory("starcoder", "chatml"))
     bad = "{{ raise_exception('roles must alternate') }}"
-    r = tokenize_chats(tok, CONVS[:1], template=bad)[0]
+    r = tokenize_chat_batch(tok, CONVS[:1], template=bad).results()[0]
     assert isinstance(r, Rejected) and r.reason == ChatReason.TEMPLATE_ERROR
     drops = (
         "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}"
         "{% endif %}{% endfor %}"
     )
-    r = tokenize_chats(tok, CONVS[1:2], template=drops)[0]
+    r = tokenize_chat_batch(tok, CONVS[1:2], template=drops).results()[0]
     assert isinstance(r, Rejected) and r.reason == ChatReason.ASSISTANT_NOT_RENDERED
 
 
@@ -155,10 +157,10 @@ def test_helpers():
 def test_answers_without_a_special_end_token_are_counted(bpe_tokenizer_factory):
     tok = AutoTokenizer.from_pretrained(bpe_tokenizer_factory("starcoder", "chatml"))
     plain_end = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\nEND\n{% endfor %}"
-    s = tokenize_chats(tok, CONVS[:1], template=plain_end)[0]
+    s = tokenize_chat_batch(tok, CONVS[:1], template=plain_end).results()[0]
     assert s.turns_without_eot == 2
     assert [tok.decode(r) for r in masked_runs(s.input_ids, s.loss_mask)] == [
         m["content"] for m in CONVS[0] if m["role"] == "assistant"
     ]
-    ok = tokenize_chats(tok, CONVS[:1], template=resolve_chat_template(tok))[0]
+    ok = tokenize_chat_batch(tok, CONVS[:1], template=resolve_chat_template(tok)).results()[0]
     assert ok.turns_without_eot == 0

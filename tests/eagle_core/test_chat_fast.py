@@ -24,7 +24,7 @@ from eagle_core.chat import (
     reference_generation_masks,
     resolve_chat_template,
     template_messages,
-    tokenize_chats,
+    tokenize_chat_batch,
 )
 from eagle_core.download import DownloadConfig, SourceSpec, download
 from eagle_core.fim import FimTokens, build_fim_sample, fim_ids
@@ -118,9 +118,9 @@ def per_sample_reference(tok, conv, template, keep_reasoning=True) -> ChatSample
 def test_fast_generation_masks_equal_transformers(gen_tok, name, keep_reasoning):
     template = GEN_TEMPLATES[name] or resolve_chat_template(gen_tok)
     convs = varied_chats(60)
-    fast = tokenize_chats(
+    fast = tokenize_chat_batch(
         gen_tok, convs, template=template, mask_mode="generation", keep_reasoning=keep_reasoning
-    )
+    ).results()
     batched_ref = reference_generation_masks(
         gen_tok, [template_messages(c, keep_reasoning) for c in convs], template
     )
@@ -140,16 +140,18 @@ def test_leading_whitespace_span_stops_the_mask_like_transformers(gen_tok):
         {"role": "user", "content": "again"},
         {"role": "assistant", "content": "return x"},
     ]
-    fast = tokenize_chats(gen_tok, [conv], template=template, mask_mode="generation")[0]
+    fast = tokenize_chat_batch(
+        gen_tok, [conv], template=template, mask_mode="generation"
+    ).results()[0]
     assert fast == per_sample_reference(gen_tok, conv, template)
 
 
 def test_last_turn_only_equals_reference_then_keep_last_run(gen_tok):
     template = resolve_chat_template(gen_tok)
     convs = varied_chats(40, seed=3)
-    fast = tokenize_chats(
+    fast = tokenize_chat_batch(
         gen_tok, convs, template=template, mask_mode="generation", last_turn_only=True
-    )
+    ).results()
     for conv, got in zip(convs, fast, strict=True):
         ref = per_sample_reference(gen_tok, conv, template)
         assert got == ChatSample(ref.input_ids, keep_last_run(ref.loss_mask))
@@ -165,7 +167,7 @@ def test_offsets_mode_equals_generation_reference(gen_tok):
         ]
         for c in varied_chats(50, seed=5)
     ]
-    fast = tokenize_chats(gen_tok, convs, template=template, mask_mode="offsets")
+    fast = tokenize_chat_batch(gen_tok, convs, template=template, mask_mode="offsets").results()
     for conv, got in zip(convs, fast, strict=True):
         assert not isinstance(got, Rejected), got
         assert got == per_sample_reference(gen_tok, conv, template)
@@ -180,7 +182,7 @@ def test_template_error_rejects_only_that_conversation(gen_tok):
     )
     convs = varied_chats(5, seed=7)
     convs[2] = [{"role": "user", "content": "boom"}, {"role": "assistant", "content": "x"}]
-    out = tokenize_chats(gen_tok, convs, template=template, mask_mode="generation")
+    out = tokenize_chat_batch(gen_tok, convs, template=template, mask_mode="generation").results()
     assert isinstance(out[2], Rejected) and out[2].reason == "template_error"
     for n in (0, 1, 3, 4):
         assert out[n] == per_sample_reference(gen_tok, convs[n], template)
@@ -188,7 +190,7 @@ def test_template_error_rejects_only_that_conversation(gen_tok):
 
 @pytest.mark.parametrize("max_length", [24, 64, 4096])
 def test_stage_output_equals_per_sample_reference_truncated(tmp_path, gen_tok, max_length):
-    # download rejects blank answers (empty ones are covered above, on tokenize_chats)
+    # download rejects blank answers (empty ones are covered above, on tokenize_chat_batch)
     convs = [
         [
             m if m["role"] != "assistant" or m["content"].strip() else {**m, "content": "ok"}
