@@ -7,9 +7,13 @@ first use by a test that asks for it (tests/tasks, tests/flows), never by the ot
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from storage import ArtifactStore, StageRef
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -86,3 +90,39 @@ def small_tokenizer_dir(_small_target: tuple[str, str]) -> str:
 def small_target_dir(_small_target: tuple[str, str]) -> str:
     """HF LlamaForCausalLM dir (config.json + model.safetensors), vocab = the tokenizer's."""
     return _small_target[1]
+
+
+# ---- an exported draft (evaluate tests) ----------------------------------------------------
+
+
+@pytest.fixture
+def export_untrained_draft() -> Callable[..., StageRef]:
+    """`export_untrained_draft(store, target_ref, **export_fields) -> StageRef` of an export.
+
+    Builds a seeded, untrained EAGLE-3 draft (draft vocab 512) of `target_ref` (a path or a
+    demo-target artifact URL), publishes it as the "train" artifact "run" of `store` with
+    `meta.target = target_ref`, and exports it: ExportConfig(dtype="float32", **export_fields).
+    An untrained draft still decodes losslessly, so evaluate tests can measure it.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from eagle_core.draft import DraftConfig, build_draft
+    from eagle_core.export import ExportConfig, export
+    from eagle_core.models import load_target
+
+    def export_draft(store: ArtifactStore, target_ref: str, /, **export_fields: Any) -> StageRef:
+        model = load_target(target_ref)
+        torch.manual_seed(0)
+        cfg = DraftConfig.from_target_config(model.config, draft_vocab_size=512)
+        draft = build_draft(cfg, target_model=model)
+        with store.publish("train", "run") as w:
+            w.write_file(
+                "final/draft.safetensors", lambda p: save_file(dict(draft.state_dict()), p)
+            )
+            w.write_json("final/draft_config.json", cfg.to_dict())
+            w.meta.update(target=target_ref)
+        run = store.ref("train", "run")
+        return export(store, run, ExportConfig(dtype="float32", **export_fields))
+
+    return export_draft

@@ -7,10 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
-from eagle_core.draft import DraftConfig, build_draft
 from eagle_core.errors import ConfigError, DataError
 from eagle_core.evaluate import (
     EvalConfig,
@@ -21,9 +19,8 @@ from eagle_core.evaluate import (
     load_prompts,
     stop_token_ids,
 )
-from eagle_core.export import ExportConfig, export
 from eagle_core.models import load_target
-from storage import ArtifactStore, StageRef
+from storage import ArtifactStore
 
 CHATS = [
     {
@@ -46,18 +43,6 @@ FIMS = [
     {"id": "f1", "prefix": "def add(a, b):\n    ", "middle": "return a + b", "suffix": "\n"},
     {"id": "f2", "prefix": "import os\n", "middle": "import sys\n", "suffix": "print(1)\n"},
 ]
-
-
-def _export(store: ArtifactStore, target, target_dir: str) -> StageRef:
-    torch.manual_seed(0)
-    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=512)
-    draft = build_draft(cfg, target_model=target)
-    with store.publish("train", "run") as w:
-        w.write_file("final/draft.safetensors", lambda p: save_file(dict(draft.state_dict()), p))
-        w.write_json("final/draft_config.json", cfg.to_dict())
-        w.meta.update(target=target_dir)
-    run = store.ref("train", "run")
-    return export(store, run, ExportConfig(dtype="float32", target=target_dir))
 
 
 def test_prompt_building(small_tokenizer_dir: str, tmp_path) -> None:
@@ -105,7 +90,9 @@ def test_config_checks() -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_stage(small_target_dir: str, small_tokenizer_dir: str, tmp_path) -> None:
+def test_evaluate_stage(
+    small_target_dir: str, small_tokenizer_dir: str, tmp_path, export_untrained_draft
+) -> None:
     """The default prompt source: the held-out files of a demo-target artifact (published
     here from the small target), with the target given as that artifact's URL."""
     store = ArtifactStore(str(tmp_path / "store"))
@@ -120,8 +107,7 @@ def test_evaluate_stage(small_target_dir: str, small_tokenizer_dir: str, tmp_pat
         )
         w.write_bytes("data/files.heldout.jsonl", b'{"content": "x = 1\\n"}\n')
     demo_url = store.url("build_demo_target", "demo")
-    target = load_target(demo_url)
-    exp = _export(store, target, demo_url)
+    exp = export_untrained_draft(store, demo_url, target=demo_url)
     cfg = EvalConfig(max_prompts=2, max_new_tokens=12, steps=3)  # target from the export
     calls: list[tuple[int, int]] = []
     ref = evaluate(store, exp, cfg, progress=lambda i, n: calls.append((i, n)))

@@ -8,12 +8,7 @@ import json
 
 import boto3
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from eagle_core.draft import DraftConfig, build_draft
-from eagle_core.export import ExportConfig, export
-from eagle_core.models import load_target
 from flows.cli import main
 from storage import ArtifactStore
 
@@ -29,29 +24,21 @@ CHAT = {
 FIM = {"id": "f1", "prefix": "def add(a, b):\n    ", "middle": "return a + b", "suffix": "\n"}
 
 
-def _export_url(root: str, target_dir: str) -> str:
-    """An exported (untrained) draft of the small target, on a local store."""
-    store = ArtifactStore(root)
-    target = load_target(target_dir)
-    torch.manual_seed(0)
-    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=512)
-    draft = build_draft(cfg, target_model=target)
-    with store.publish("train", "run") as w:
-        w.write_file("final/draft.safetensors", lambda p: save_file(dict(draft.state_dict()), p))
-        w.write_json("final/draft_config.json", cfg.to_dict())
-        w.meta.update(target=target_dir)
-    return export(store, store.ref("train", "run"), ExportConfig(dtype="float32")).url
-
-
 def test_evaluate_reads_s3_prompts_through_the_store_endpoint(
-    tmp_path, capsys, s3_root, s3_endpoint, small_target_dir, small_tokenizer_dir
+    tmp_path,
+    capsys,
+    s3_root,
+    s3_endpoint,
+    small_target_dir,
+    small_tokenizer_dir,
+    export_untrained_draft,
 ):
     bucket = s3_root.removeprefix("s3://").split("/", 1)[0]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     s3.put_object(Bucket=bucket, Key="heldout/chat.jsonl", Body=json.dumps(CHAT) + "\n")
     s3.put_object(Bucket=bucket, Key="heldout/fim.jsonl", Body=json.dumps(FIM) + "\n")
     root = str(tmp_path / "store")
-    exp = _export_url(root, small_target_dir)
+    exp = export_untrained_draft(ArtifactStore(root), small_target_dir).url
     base = ["evaluate", "--store", root, "--export", exp, "--target", small_target_dir,
             "--tokenizer", small_tokenizer_dir, "--max-prompts", "1", "--max-new-tokens", "6",
             "--steps", "2"]  # fmt: skip
