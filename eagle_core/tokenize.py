@@ -13,7 +13,10 @@ shorten the prefix (keeping its end) and the suffix (keeping its start) first, s
 middle survives. A sample without any loss token left is rejected (`no_loss_tokens`).
 
 Output shard k holds the kept samples of input rows [k*shard_size, (k+1)*shard_size), so a
-crashed run resumes shard by shard (journal) with identical results.
+crashed run resumes shard by shard (journal) with identical results. Each shard's Parquet
+footer also holds the histogram of its ids at loss-masked positions
+(`eagle_core.vocab.MASKED_COUNTS_KEY`), written in the same file write, so scan_vocab sums
+footers instead of decoding every token.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ from eagle_core.fim import (
     record_rng,
 )
 from eagle_core.records import RejectCounter, parse_messages
+from eagle_core.vocab import masked_counts_footer
 from storage import ArtifactStore, StageRef
 from storage.shards import iter_batches, write_parquet
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: shard footers hold the masked-token histogram
 STAGE = "tokenize"
 Format = Literal["auto", "chat", "fim", "tokens"]
 
@@ -491,6 +495,7 @@ def tokenize(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     num_proc: int = 1,
+    footer_counts: bool = True,
 ) -> StageRef:
     """Tokenize a download artifact (cached by key: config + records + tokenizer hash).
 
@@ -501,6 +506,9 @@ def tokenize(
         force: recompute even if the artifact exists.
         progress: called as progress(input_rows_done, input_rows_total).
         num_proc: worker processes (each loads the tokenizer); not part of the key.
+        footer_counts: store each shard's masked-token histogram in its footer (False: the
+            shards as CODE_VERSION 1 wrote them, which scan_vocab scans; for measuring what
+            the histograms cost). Not part of the key: the rows are the same.
 
     Raises:
         ConfigError: tokenizer without a chat template / FIM tokens that the data needs.
@@ -541,10 +549,12 @@ def tokenize(
                 fut = pool.submit(_work, chunk) if pool else None
                 pending.append((n, len(chunk), fut if fut else tokenize_chunk(base, chunk)))
                 if len(pending) >= max(1, num_proc) * 2 or not pool:
-                    done_rows += _drain(w, pending, totals, keep=num_proc if pool else 0)
+                    done_rows += _drain(
+                        w, pending, totals, keep=num_proc if pool else 0, footer=footer_counts
+                    )
                     if progress:
                         progress(done_rows, total_rows)
-            done_rows += _drain(w, pending, totals, keep=0)
+            done_rows += _drain(w, pending, totals, keep=0, footer=footer_counts)
             if progress:
                 progress(done_rows, total_rows)
         finally:
@@ -602,13 +612,20 @@ def tokenize(
     return store.ref(STAGE, key)
 
 
-def _drain(w: Any, pending: list[tuple[int, int, Any]], totals: ChunkStats, keep: int) -> int:
-    """Write finished chunks in order until `keep` remain; returns input rows written."""
+def _drain(
+    w: Any, pending: list[tuple[int, int, Any]], totals: ChunkStats, keep: int, footer: bool
+) -> int:
+    """Write finished chunks in order until `keep` remain; returns input rows written.
+
+    With `footer`, the shard's masked-token histogram goes into its Parquet footer: the
+    same (journaled) file write as the rows, so a shard never exists without it.
+    """
     done = 0
     while len(pending) > keep:
         n, n_rows, res = pending.pop(0)
         table, stats = res.result() if hasattr(res, "result") else res
-        write_parquet(w, f"shard-{n:05d}.parquet", table)
+        meta = masked_counts_footer(table) if footer else None
+        write_parquet(w, f"shard-{n:05d}.parquet", table, file_metadata=meta)
         w.write_bytes(
             f"stats/shard-{n:05d}.json", json.dumps(stats.to_json()).encode(), journal=True
         )

@@ -12,13 +12,22 @@ Notation: V target vocab size, Vd draft vocab size (N).
   ascending target-id order; `t2d` [V] bool marks target ids in the draft vocab.
 - Coverage: the share of masked tokens whose target id is in the draft vocab (the
   ceiling of what the draft can ever accept).
+- Footer histograms: the tokenize stage stores each shard's masked-token histogram in that
+  shard's Parquet footer (`MASKED_COUNTS_KEY`, written in the same file write as the rows).
+  scan_vocab sums those (footer reads only, no column decoded) and scans the tokens of any
+  shard without a usable one (older tokenize output, other writers, a damaged or mismatched
+  footer: warned). Both paths give the same counts, so the key and output do not depend on
+  which one ran.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +39,18 @@ from safetensors.torch import load_file, save_file
 
 from eagle_core.errors import ConfigError, DataError, ModelMismatchError
 from storage import ArtifactStore, StageRef
-from storage.shards import iter_flat_lists
+from storage.errors import ArtifactError
+from storage.shards import ParquetFooter, iter_flat_lists, read_footer
 
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
 STAGE = "scan_vocab"
 VOCAB_FILE = "vocab_map.safetensors"
+# Parquet footer key of a tokenize shard's masked-token histogram (see encode_masked_counts)
+MASKED_COUNTS_KEY = "eagle.masked_counts"
+MASKED_COUNTS_FORMAT = 1
+_IDS_LEAF, _MASK_LEAF = "input_ids.list.element", "loss_mask.list.element"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,17 +206,242 @@ def count_masked_tokens(
     return counts
 
 
-def count_artifact_tokens(store: ArtifactStore, ref: StageRef, vocab_size: int) -> np.ndarray:
+def count_artifact_tokens(
+    store: ArtifactStore, ref: StageRef, vocab_size: int, names: Sequence[str] | None = None
+) -> np.ndarray:
     """Frequencies of target ids at loss_mask != 0 over a tokenize artifact. int64 [V].
 
-    The fast path: only `input_ids` and `loss_mask` are decoded, row group by row group,
+    The scan path: only `input_ids` and `loss_mask` are decoded, row group by row group,
     straight into numpy (no per-row Python objects), then one masked bincount per row group.
+
+    Args:
+        names: only these shards (default: every `.parquet` file of the artifact).
     """
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for part in iter_flat_lists(store, ref, ["input_ids", "loss_mask"]):
+    if names is not None and not names:
+        return counts
+    for part in iter_flat_lists(store, ref, ["input_ids", "loss_mask"], names=names):
         where = f"{ref.url}/{part.shard}"
         add_masked_counts(counts, part.values["input_ids"], part.values["loss_mask"], where)
     return counts
+
+
+# ---- masked-token histograms in the tokenize shards' footers ------------------------------
+
+
+def masked_histogram(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse histogram of `ids` at positions where mask != 0.
+
+    Args:
+        ids: integer [N] flattened token ids.
+        mask: integer or bool [N] flattened loss mask.
+
+    Returns:
+        (distinct ids int32 [D] ascending, their counts int64 [D], all > 0).
+    """
+    picked = ids[mask if mask.dtype == np.bool_ else mask != 0]
+    if not picked.size:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    lo, hi = min(int(picked.min()), 0), int(picked.max())
+    # a dense bincount over [lo, hi] (one pass; the ids of one vocab) unless the span is far
+    # larger than the data (stray huge ids): then sort
+    if hi - lo <= max(4 * picked.size, 1 << 20):
+        dense = np.bincount(picked.astype(np.int64) - lo if lo else picked)
+        nz = np.flatnonzero(dense)
+        return (nz + lo).astype(np.int32), dense[nz].astype(np.int64, copy=False)
+    uniq, cnt = np.unique(picked, return_counts=True)
+    return uniq.astype(np.int32), cnt.astype(np.int64)
+
+
+def list_levels(offsets: np.ndarray) -> int:
+    """Parquet's num_values of a non-null list column with these offsets [rows + 1]: one per
+    item, one per empty list."""
+    return int(np.maximum(np.diff(offsets), 1).sum())
+
+
+def encode_masked_counts(ids: np.ndarray, counts: np.ndarray, *, rows: int, levels: int) -> str:
+    """The footer value of one shard's masked-token histogram (`MASKED_COUNTS_KEY`).
+
+    JSON (ASCII, so any Parquet tool shows it): `format`, the shard's `rows` and `levels`
+    (Parquet num_values of the input_ids and loss_mask leaves: tie the histogram to the
+    table it was made from), `masked_tokens` (= sum of counts), `distinct`, and `data`:
+    base64 of zlib of ids int32 [D] little-endian then counts int64 [D].
+
+    Args:
+        ids: int32 [D] distinct ids, ascending; counts: int64 [D] (masked_histogram).
+        rows: rows of the shard; levels: list_levels of its input_ids offsets.
+    """
+    raw = (
+        np.ascontiguousarray(ids, dtype="<i4").tobytes()
+        + np.ascontiguousarray(counts, dtype="<i8").tobytes()
+    )
+    return json.dumps(
+        {
+            "format": MASKED_COUNTS_FORMAT,
+            "rows": int(rows),
+            "levels": int(levels),
+            "masked_tokens": int(counts.sum()),
+            "distinct": int(ids.shape[0]),
+            "data": base64.b64encode(zlib.compress(raw, 1)).decode("ascii"),
+        },
+        separators=(",", ":"),
+    )
+
+
+def masked_counts_footer(table: pa.Table) -> dict[str, str]:
+    """The footer key-values that store a tokenize table's masked-token histogram
+    (`write_parquet(..., file_metadata=...)`). The flat `input_ids` / `loss_mask` buffers
+    are read zero-copy; one bincount.
+
+    Raises:
+        DataError: input_ids and loss_mask are not row-aligned.
+    """
+    flat: dict[str, np.ndarray] = {}
+    offsets: dict[str, np.ndarray] = {}
+    for c in ("input_ids", "loss_mask"):
+        col = table.column(c)
+        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        offs = arr.offsets.to_numpy().astype(np.int64, copy=False)
+        flat[c] = arr.values.slice(int(offs[0]), int(offs[-1] - offs[0])).to_numpy(
+            zero_copy_only=False
+        )
+        offsets[c] = offs - offs[0]
+    if not np.array_equal(offsets["input_ids"], offsets["loss_mask"]):
+        raise DataError(
+            "tokenize: input_ids and loss_mask rows differ in length",
+            fix="this is a bug in the tokenize stage: report it",
+        )
+    ids, counts = masked_histogram(flat["input_ids"], flat["loss_mask"])
+    value = encode_masked_counts(
+        ids, counts, rows=table.num_rows, levels=list_levels(offsets["input_ids"])
+    )
+    return {MASKED_COUNTS_KEY: value}
+
+
+class FooterCountsUnusable(Exception):
+    """A shard's footer histogram cannot be used (the reason is the message); the caller
+    scans the shard's tokens instead."""
+
+
+def decode_masked_counts(footer: ParquetFooter) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (ids int32 [D], counts int64 [D]) histogram a tokenize shard's footer holds.
+
+    Returns None if the footer has none (written before it existed, or by another writer).
+
+    Raises:
+        FooterCountsUnusable: an unknown format version, a damaged value, or one that does
+            not match this shard (rows, list lengths, or a total other than masked_tokens).
+    """
+    raw = footer.key_values.get(MASKED_COUNTS_KEY)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        version = doc.get("format") if isinstance(doc, dict) else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FooterCountsUnusable(f"not JSON ({exc})") from exc
+    if version != MASKED_COUNTS_FORMAT:
+        raise FooterCountsUnusable(
+            f"format {version!r}, this code reads format {MASKED_COUNTS_FORMAT}"
+        )
+    try:
+        rows, levels = int(doc["rows"]), int(doc["levels"])
+        total, d = int(doc["masked_tokens"]), int(doc["distinct"])
+        data = zlib.decompress(base64.b64decode(doc["data"], validate=True))
+    except (KeyError, TypeError, ValueError, binascii.Error, zlib.error) as exc:
+        raise FooterCountsUnusable(f"damaged ({type(exc).__name__}: {exc})") from exc
+    if d < 0 or len(data) != 12 * d:
+        raise FooterCountsUnusable(f"damaged ({len(data)} data bytes for {d} distinct ids)")
+    ids = np.frombuffer(data, dtype="<i4", count=d).astype(np.int32)
+    counts = np.frombuffer(data, dtype="<i8", offset=4 * d).astype(np.int64)
+    if d and (np.any(np.diff(ids.astype(np.int64)) <= 0) or int(counts.min()) <= 0):
+        raise FooterCountsUnusable("damaged (ids not ascending or counts not positive)")
+    if int(counts.sum()) != total:
+        raise FooterCountsUnusable(
+            f"its counts add up to {int(counts.sum())}, not its masked_tokens={total}"
+        )
+    have = (
+        footer.num_rows,
+        footer.leaf_values.get(_IDS_LEAF),
+        footer.leaf_values.get(_MASK_LEAF),
+    )
+    if have != (rows, levels, levels):
+        raise FooterCountsUnusable(
+            f"made for another table: rows/levels {rows}/{levels}, the shard has "
+            f"{have[0]} rows, {have[1]}/{have[2]} input_ids/loss_mask levels"
+        )
+    return ids, counts
+
+
+@dataclass
+class CountReport:
+    """Which path counted each shard of one artifact (for logs and tests)."""
+
+    footer: list[str]  # shards whose footer histogram was used
+    scanned: dict[str, str]  # shard -> why its tokens were scanned
+
+
+def artifact_counts(
+    store: ArtifactStore, ref: StageRef, vocab_size: int, footer_counts: bool = True
+) -> tuple[np.ndarray, CountReport]:
+    """Frequencies of target ids at loss_mask != 0 over a tokenize artifact. int64 [V].
+
+    Each shard's footer histogram is added where it is usable; every other shard's tokens
+    are scanned (count_artifact_tokens). Damaged or mismatched histograms are warned about
+    and scanned: the tokens are the truth and the histogram only a summary of them, so the
+    result is the scan's either way. If every shard was counted from its footer and the
+    total disagrees with the manifest's masked_tokens, the whole artifact is scanned.
+
+    Args:
+        footer_counts: False scans every shard (the reference the histograms must equal).
+
+    Raises:
+        DataError: an id outside [0, V) (raised by the scan of that shard, naming it).
+    """
+    names = store.list_files(ref, suffix=".parquet")
+    if not footer_counts:
+        report = CountReport(footer=[], scanned=dict.fromkeys(names, "footer_counts=False"))
+        return count_artifact_tokens(store, ref, vocab_size), report
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    report = CountReport(footer=[], scanned={})
+    for name in names:
+        where = f"{ref.url}/{name}"
+        try:
+            hist = decode_masked_counts(read_footer(store, ref, name))
+        except FooterCountsUnusable as exc:
+            log.warning("%s: footer histogram unusable, scanning its tokens: %s", where, exc)
+            report.scanned[name] = f"unusable footer histogram: {exc}"
+            continue
+        except ArtifactError as exc:  # the scan names the file (and fails) the usual way
+            report.scanned[name] = f"unreadable footer: {exc.what}"
+            continue
+        if hist is None:
+            report.scanned[name] = "no footer histogram"
+            continue
+        ids, c = hist
+        if ids.size and (int(ids[0]) < 0 or int(ids[-1]) >= vocab_size):
+            # the scan raises the usual DataError naming the shard and the id
+            report.scanned[name] = f"footer histogram holds ids outside [0, {vocab_size})"
+            continue
+        counts[ids] += c  # ids are distinct
+        report.footer.append(name)
+    if report.scanned:
+        scanned = count_artifact_tokens(store, ref, vocab_size, names=list(report.scanned))
+        counts += scanned
+    want = ref.counts.get("masked_tokens") if isinstance(ref.counts, dict) else None
+    if not report.scanned and isinstance(want, int) and int(counts.sum()) != want:
+        log.warning(
+            "%s: footer histograms add up to %d masked tokens, the manifest says %d: "
+            "scanning every shard",
+            ref.url,
+            int(counts.sum()),
+            want,
+        )
+        report = CountReport(
+            footer=[], scanned=dict.fromkeys(names, "footer total != manifest masked_tokens")
+        )
+        return count_artifact_tokens(store, ref, vocab_size), report
+    return counts, report
 
 
 def choose_draft_ids(counts: np.ndarray, n: int) -> np.ndarray:
@@ -275,10 +514,15 @@ def scan_vocab(
     cfg: VocabConfig,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    footer_counts: bool = True,
 ) -> StageRef:
     """Choose the draft vocabulary over one or more tokenize artifacts (cached by key).
 
     Writes `vocab_map.safetensors` (d2t int64 [Vd], t2d bool [V]) and `vocab_stats.json`.
+
+    Args:
+        footer_counts: sum the shards' footer histograms where usable (artifact_counts);
+            False scans every token. Not part of the key: both give the same counts.
     """
     refs = [tokens] if isinstance(tokens, StageRef) else list(tokens)
     if not refs:
@@ -295,7 +539,9 @@ def scan_vocab(
         )
     counts = np.zeros(v, dtype=np.int64)
     for i, ref in enumerate(refs):
-        counts += count_artifact_tokens(store, ref, v)
+        part, report = artifact_counts(store, ref, v, footer_counts=footer_counts)
+        counts += part
+        _log_report(ref, report)
         if progress:
             progress(i + 1, len(refs))
     if not counts.any():
@@ -335,6 +581,24 @@ def scan_vocab(
         stats.distinct_seen,
     )
     return store.ref(STAGE, key)
+
+
+def _log_report(ref: StageRef, report: CountReport) -> None:
+    n = len(report.footer) + len(report.scanned)
+    if not report.scanned:
+        log.info("scan_vocab: %s: %d shard(s) counted from footer histograms", ref.url, n)
+        return
+    why: dict[str, int] = {}
+    for reason in report.scanned.values():
+        why[reason] = why.get(reason, 0) + 1
+    log.info(
+        "scan_vocab: %s: %d of %d shard(s) counted from footer histograms, %d scanned (%s)",
+        ref.url,
+        len(report.footer),
+        n,
+        len(report.scanned),
+        "; ".join(f"{k}: {v}" for k, v in why.items()),
+    )
 
 
 def load_vocab_map(url_or_path: str, tmpdir: str) -> VocabMap:

@@ -154,24 +154,41 @@ def build_table(
     return table.replace_schema_metadata(meta)
 
 
-def write_parquet(writer: ArtifactWriter, name: str, table: pa.Table, journal: bool = True) -> None:
-    """Write one shard (zstd); journaled so a crashed stage resumes after it."""
+def write_parquet(
+    writer: ArtifactWriter,
+    name: str,
+    table: pa.Table,
+    journal: bool = True,
+    file_metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write one shard (zstd); journaled so a crashed stage resumes after it.
+
+    Args:
+        file_metadata: key-value pairs for the Parquet footer only (not the Arrow schema:
+            a table read back, filtered and written again does not carry them along). They
+            are written in the same file write as the rows, so they exist exactly when the
+            shard does. Read them with `read_footer` (no column is decoded).
+    """
     tensor_cols = set(tensor_specs(table.schema))
     # Parquet names the leaves of nested columns by path (`input_ids.list.element`): a list of
     # top-level names would silently leave every list column without dictionary encoding and
     # statistics (a plain int32 per loss_mask value: 30x the bytes to decode)
     plain = [p for p in parquet_leaf_paths(table.schema) if p not in tensor_cols]
+    options: dict[str, Any] = {
+        "compression": "zstd",
+        # min/max statistics of multi-MB binary cells would duplicate the data
+        "write_statistics": plain,
+        "use_dictionary": plain,
+    }
 
     def _write(path: str) -> None:
-        pq.write_table(
-            table,
-            path,
-            compression="zstd",
-            row_group_size=_row_group_rows(table),
-            # min/max statistics of multi-MB binary cells would duplicate the data
-            write_statistics=plain,
-            use_dictionary=plain,
-        )
+        if not file_metadata:
+            pq.write_table(table, path, row_group_size=_row_group_rows(table), **options)
+            return
+        # what pq.write_table does, plus footer key-values
+        with pq.ParquetWriter(path, table.schema, **options) as pw:
+            pw.write_table(table, row_group_size=_row_group_rows(table))
+            pw.add_key_value_metadata(dict(file_metadata))
 
     writer.write_file(name, _write, journal=journal)
 
@@ -209,6 +226,42 @@ def tensor_specs(schema: pa.Schema) -> dict[str, TensorSpec]:
 def shard_metadata(schema: pa.Schema) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(b"eagle.meta")
     return json.loads(raw) if raw else {}
+
+
+@dataclass(frozen=True)
+class ParquetFooter:
+    """What a Parquet shard's footer says, read without decoding any column."""
+
+    name: str  # file name inside the artifact
+    num_rows: int
+    key_values: dict[str, bytes]  # the file's key-value metadata (ARROW:schema included)
+    # leaf column path (e.g. `input_ids.list.element`) -> Parquet's num_values summed over the
+    # row groups: one per list item, plus one per empty or null list
+    leaf_values: dict[str, int]
+
+
+def read_footer(store: ArtifactStore, ref: StageRef, name: str) -> ParquetFooter:
+    """The footer of one Parquet shard (local: memory-mapped; remote: a few range reads).
+
+    Raises:
+        ArtifactError: the file is not readable Parquet.
+    """
+    try:
+        with _parquet_file(store, ref, name) as pf:
+            md = pf.metadata
+            leaves = [md.schema.column(i).path for i in range(md.num_columns)]
+            values = dict.fromkeys(leaves, 0)
+            for rg in range(md.num_row_groups):
+                group = md.row_group(rg)
+                for i, leaf in enumerate(leaves):
+                    values[leaf] += group.column(i).num_values
+            kv = {k.decode(errors="replace"): v for k, v in (md.metadata or {}).items()}
+            return ParquetFooter(name=name, num_rows=md.num_rows, key_values=kv, leaf_values=values)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(
+            f"{ref.url}/{name}: unreadable Parquet footer ({exc})",
+            fix="the shard is corrupt: delete its manifest and re-run the stage",
+        ) from exc
 
 
 def iter_batches(
