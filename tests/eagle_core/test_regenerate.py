@@ -34,6 +34,7 @@ from storage.shards import write_parquet
 
 sys.path.insert(0, os.path.dirname(__file__))
 from openai_server import OpenAITestServer  # noqa: E402
+from tiny_llama import tiny_llama_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -140,28 +141,22 @@ def _train_sequences(tok) -> list[tuple[list[int], list[int]]]:
 @pytest.fixture(scope="module")
 def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer Llama that has memorised the answers above (greedy output is known)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from eagle_core.demo.lm import LMShape, build_llama
-
-    torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
-    shape = LMShape(
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-    )
-    model = build_llama(
-        shape,
+    cfg = tiny_llama_config(
         len(tok),
-        seed=0,
-        bos_id=tok.bos_token_id,
-        eos_id=tok.eos_token_id,
-        pad_id=tok.pad_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
     )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
     seqs = _train_sequences(tok)
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id)  # [B, T] right padded

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama_config
+from transformers import AutoTokenizer, DynamicCache, LlamaForCausalLM
 
 from eagle_core.capture import capture_states
 from eagle_core.draft import DraftConfig, build_draft
@@ -190,14 +191,8 @@ def test_random_target_float64_many_prompts() -> None:
 def _random_pair(vocab: int = 96, head_scale: float = 1.0, seed: int = 0):
     """A random 8-layer float64 target and a random EAGLE-3 draft (draft vocab 64)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    cfg = tiny_llama_config(
+        vocab, hidden_size=64, intermediate_size=96, max_position_embeddings=256
     )
     target = LlamaForCausalLM(cfg).eval().double()
     draft = (
@@ -241,14 +236,7 @@ def test_sampling_mode_follows_the_target_distribution() -> None:
 
 def test_bad_arguments() -> None:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    cfg = tiny_llama_config(64)
     target = LlamaForCausalLM(cfg).eval()
     draft = build_draft(DraftConfig.from_target_config(cfg), target_model=target)
     ids = torch.tensor([[1, 2, 3]])

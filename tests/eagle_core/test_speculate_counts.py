@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama_config
+from transformers import LlamaForCausalLM
 
 from eagle_core.draft import DraftConfig, build_draft
 from eagle_core.evaluate import EvalConfig, EvalPrompt, measure
@@ -22,14 +23,7 @@ def _always_zero_pair() -> tuple[LlamaForCausalLM, torch.nn.Module]:
     id 0 -> target id 0 with the default vocab map). Every chain is accepted in full.
     """
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
+    cfg = tiny_llama_config(V)  # any shape: zeroed final norms fix every logit
     target = LlamaForCausalLM(cfg).eval()
     draft = build_draft(
         DraftConfig.from_target_config(cfg, draft_vocab_size=32), target_model=target
