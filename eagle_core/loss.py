@@ -119,6 +119,9 @@ class DraftBatch:
         loss_mask: [B, T] int64, 1 on tokens the draft must learn to predict.
         last_hidden: [B, T, H] the target's final-normed last hidden state.
         aux_hidden: [B, T, A*H] captured aux layers (EAGLE-3; None for EAGLE-1).
+        input_last_hidden: [B, T, H] what an EAGLE-1 draft is fed in place of last_hidden
+            (training feature noise, eagle_core/train.py); the target distribution and the
+            feature-regression targets still come from last_hidden. None: last_hidden.
     """
 
     input_ids: Tensor
@@ -126,6 +129,7 @@ class DraftBatch:
     loss_mask: Tensor
     last_hidden: Tensor
     aux_hidden: Tensor | None = None
+    input_last_hidden: Tensor | None = None
 
     def to(self, device: torch.device | str) -> DraftBatch:
         return DraftBatch(
@@ -134,6 +138,9 @@ class DraftBatch:
             loss_mask=self.loss_mask.to(device),
             last_hidden=self.last_hidden.to(device),
             aux_hidden=None if self.aux_hidden is None else self.aux_hidden.to(device),
+            input_last_hidden=None
+            if self.input_last_hidden is None
+            else self.input_last_hidden.to(device),
         )
 
 
@@ -235,6 +242,14 @@ def _check(draft: Eagle3Draft | Eagle1Draft, batch: DraftBatch, target_head: Ten
             f"batch.last_hidden {tuple(batch.last_hidden.shape)} != {(b, t, cfg.hidden_size)}",
             fix="hidden states must come from the draft's target (same H)",
         )
+    if batch.input_last_hidden is not None and (
+        batch.input_last_hidden.shape != batch.last_hidden.shape
+    ):
+        raise ModelMismatchError(
+            f"batch.input_last_hidden {tuple(batch.input_last_hidden.shape)} != "
+            f"last_hidden {tuple(batch.last_hidden.shape)}",
+            fix="build the draft's input features from the batch's own last_hidden",
+        )
     if tuple(target_head.shape) != (cfg.vocab_size, cfg.hidden_size):
         raise ModelMismatchError(
             f"target_head {tuple(target_head.shape)} != (V={cfg.vocab_size}, H={cfg.hidden_size})",
@@ -283,7 +298,8 @@ def compute_loss(
     probs, t_argmax, in_vocab = target_distribution(
         batch.last_hidden, head, draft.draft_target_ids.to(head.device)
     )
-    states = TargetStates(aux=batch.aux_hidden, last=batch.last_hidden)  # type: ignore[arg-type]
+    last_in = batch.last_hidden if batch.input_last_hidden is None else batch.input_last_hidden
+    states = TargetStates(aux=batch.aux_hidden, last=last_in)  # type: ignore[arg-type]
     hidden0 = draft.init_hidden(states)  # [B, T, H]
     is_eagle1 = isinstance(draft, Eagle1Draft)
     total = hidden0.new_zeros((), dtype=torch.float32)

@@ -78,6 +78,12 @@ _OPERATIONAL_FIELDS = (
 )
 
 
+# The reference trainers' feature noise (TrainConfig.feature_noise, add_feature_noise):
+# SafeAILab/EAGLE eagle/train/main.py trains EAGLE-1 with AddUniformNoise(std=0.2);
+# its EAGLE-3 trainer (eagle/traineagle3/) adds none.
+REFERENCE_FEATURE_NOISE = {"eagle1": 0.2, "eagle3": 0.0}
+
+
 # ---------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------
@@ -97,6 +103,9 @@ class TrainConfig:
     ttt_steps: int = 7  # EAGLE-3 default unroll depth
     ttt_decay: float = 0.8  # step k weighs decay**k
     ttt_alignment: Literal["aligned", "reference"] = "aligned"  # see eagle_core/loss.py
+    # uniform noise on the target features the draft is fed in training (add_feature_noise);
+    # None: the reference trainer's value for `kind` (REFERENCE_FEATURE_NOISE); 0: off
+    feature_noise: float | None = None
     lr: float = 5e-5  # reference trainer's AdamW learning rate
     betas: tuple[float, float] = (0.9, 0.95)  # reference trainer's AdamW betas
     weight_decay: float = 0.0  # the reference trainer uses none
@@ -193,6 +202,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train.ttt_decay={self.ttt_decay} is not in (0, 1]", fix="use 0.8 (default)"
             )
+        if self.feature_noise is not None and (
+            isinstance(self.feature_noise, bool)
+            or not isinstance(self.feature_noise, int | float)
+            or not math.isfinite(self.feature_noise)
+            or self.feature_noise < 0
+        ):
+            raise ConfigError(
+                f"train.feature_noise={self.feature_noise!r} is not a finite number >= 0",
+                fix=f"use None (the reference's: {REFERENCE_FEATURE_NOISE}), 0 (off) or e.g. 0.2",
+            )
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(
                 f"train.deepspeed_config={self.deepspeed_config!r} is not a file",
@@ -224,7 +243,18 @@ class TrainConfig:
             d.pop(k)  # artifact inputs: hashed by key through `inputs`, not by URL
         if self.deepspeed_config:
             d["deepspeed_config"] = load_user_deepspeed_config(self.deepspeed_config)
+        # the noise the run uses: None and the kind's reference value train the same, and a
+        # noiseless run keeps the key it had before this field existed
+        d.pop("feature_noise")
+        if self.noise_scale():
+            d["feature_noise"] = self.noise_scale()
         return d
+
+    def noise_scale(self) -> float:
+        """The feature noise this run uses (`feature_noise`, or the kind's reference value)."""
+        if self.feature_noise is None:
+            return REFERENCE_FEATURE_NOISE[self.kind]
+        return float(self.feature_noise)
 
     def ttt(self) -> Any:
         from eagle_core.loss import TTTConfig
@@ -662,6 +692,80 @@ def to_draft_batch(
     )
 
 
+def _noise_seed(seed: int, epoch: int, sample_id: str) -> int:
+    """The noise generator seed of one sample in one epoch (63 bits)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def uniform_feature_noise(
+    lengths: list[int], shape: tuple[int, int, int], scale: float, seeds: list[int], device: Any
+) -> Tensor:
+    """The reference EAGLE-1 trainer's uniform feature noise, one sample at a time.
+
+    SafeAILab/EAGLE eagle/train/main.py, `AddUniformNoise.__call__`, on one sample's
+    [1, len, H] hidden states: `(torch.rand_like(tensor) - 0.5) * std * 512 / tensor.shape[1]`.
+    So for sample b, t < len_b: noise[b, t, :] = (u - 0.5) * scale * 512 / len_b with
+    u ~ U[0, 1): uniform in [-scale * 256 / len_b, scale * 256 / len_b), wider on short
+    samples. Padding (t >= len_b) gets 0.
+
+    Args:
+        lengths: [B] each sample's token count (its attention_mask sum).
+        shape: (B, T, W) of the features; W = H (EAGLE-1) or A*H (EAGLE-3 aux states).
+        scale: the reference's `std` (TrainConfig.feature_noise).
+        seeds: [B] one generator seed per sample (the same noise wherever it is drawn).
+        device: where the noise is drawn.
+
+    Returns:
+        [B, T, W] float32 noise.
+    """
+    b, t, w = shape
+    noise = torch.zeros(shape, dtype=torch.float32, device=device)
+    for i in range(b):
+        n = int(lengths[i])
+        if n <= 0:
+            continue
+        gen = torch.Generator(device=device).manual_seed(int(seeds[i]))
+        u = torch.rand((n, w), generator=gen, device=device, dtype=torch.float32)
+        noise[i, :n] = (u - 0.5) * (scale * 512.0 / n)
+    return noise
+
+
+def add_feature_noise(
+    batch: Any, sample_ids: list[str], scale: float, *, seed: int, epoch: int
+) -> Any:
+    """A training batch whose draft INPUT features carry uniform noise (uniform_feature_noise).
+
+    EAGLE-1: the draft is fed `input_last_hidden` = last_hidden + noise, while the target
+    distribution and the feature-regression targets keep the clean last_hidden (as in the
+    reference, which takes its targets before adding the noise). EAGLE-3: aux_hidden, which
+    only feeds the draft's fc, gets the noise. Held-out evaluation never calls this. The noise
+    of a sample depends on (seed, epoch, sample id) only: not on the batch, rank or a resume.
+
+    Args:
+        batch: a DraftBatch (eagle_core/loss.py) from to_draft_batch.
+        sample_ids: [B] the batch's sample ids.
+        scale: TrainConfig.noise_scale(); 0 returns `batch` unchanged.
+        seed: the run's seed.
+        epoch: the epoch the batch belongs to.
+    """
+    if scale == 0:
+        return batch
+    eagle3 = batch.aux_hidden is not None
+    feats = batch.aux_hidden if eagle3 else batch.last_hidden  # [B, T, W]
+    noise = uniform_feature_noise(
+        batch.attention_mask.sum(dim=1).tolist(),
+        tuple(feats.shape),
+        scale,
+        [_noise_seed(seed, epoch, sid) for sid in sample_ids],
+        feats.device,
+    )
+    noisy = (feats.float() + noise).to(feats.dtype)
+    if eagle3:
+        return dataclasses.replace(batch, aux_hidden=noisy)
+    return dataclasses.replace(batch, input_last_hidden=noisy)
+
+
 def _final_state_dict(engine: Any, draft: nn.Module, zero_stage: int) -> dict[str, Tensor]:
     """The draft's full state_dict in fp32 (bool/int buffers keep their dtype); all ranks call."""
     params = list(draft.parameters())
@@ -740,56 +844,18 @@ class _StepStats:
 
 
 def _grad_norm(engine: Any) -> float | None:
-    """The global gradient norm of the last optimizer step (before clipping), if known."""
+    """The global gradient norm DeepSpeed reports for the last optimizer step (before
+    clipping): ZeRO 1-3 and bf16 report it; fp32 ZeRO 0 (torch AdamW, no wrapper) does not."""
     gn = engine.get_global_grad_norm()
     if gn is None:
         return None
     return float(gn.item() if isinstance(gn, Tensor) else gn)
 
 
-def _keep_clip_norm(engine: Any) -> bool:
-    """Make DeepSpeed keep the gradient norm it computes when it clips fp32 ZeRO-0 gradients.
-
-    There DeepSpeed clips with `deepspeed.runtime.utils.clip_grad_norm_` and drops the norm it
-    returns, so the loop used to compute the same norm a second time. The engine's clipping
-    method is replaced by the same call that also stores the norm (`engine.eagle_clip_norm`,
-    a 1-element tensor): the gradients and so the training are bit for bit the same.
-    Returns whether it did (DeepSpeed clips that way only with clipping on, fp32, ZeRO-0).
-    """
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    if engine.gradient_clipping() <= 0.0 or (
-        engine.fp16_enabled()
-        or engine.bfloat16_enabled()
-        or engine.amp_enabled()
-        or engine.zero_optimization()
-    ):
-        return False
-
-    def clip_and_keep_norm() -> None:
-        engine.eagle_clip_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(),
-            max_norm=engine.gradient_clipping(),
-            mpu=engine.mpu,
-        )
-
-    engine.eagle_clip_norm = None
-    engine.clip_fp32_gradients = clip_and_keep_norm
-    return True
-
-
-def _clip_norm(engine: Any) -> float | None:
-    """The norm `_keep_clip_norm` kept at the last optimizer step (then forgets it), or None."""
-    gn = getattr(engine, "eagle_clip_norm", None)
-    if gn is None:
-        return None
-    engine.eagle_clip_norm = None
-    return float(gn.reshape(-1)[0]) if isinstance(gn, Tensor) else float(gn)
-
-
 def _param_grad_norm(engine: Any) -> float | None:
-    """Global grad norm from the parameters' .grad (ZeRO-0 with torch AdamW keeps them there;
-    DeepSpeed then clips without reporting the norm). None when grads live elsewhere."""
+    """Global grad norm from the parameters' .grad, before engine.step() clips them (fp32
+    ZeRO 0 keeps them there, and DeepSpeed reports no norm then). None when grads live
+    elsewhere (ZeRO 1-3 partitions)."""
     grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
     if not grads or engine.zero_optimization_stage() != 0:
         return None
@@ -932,6 +998,7 @@ def train_main(
         _check_hidden_widths(train_data, setup)
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    noise = cfg.noise_scale()  # training forwards only, never held-out evaluation
     setup.head = setup.head.to(device)
     module = DraftTrainModule(setup.draft, setup.head, cfg.ttt())
     plan0 = _plan(train_data, cfg, 0, world)
@@ -955,7 +1022,10 @@ def train_main(
         # one process: DeepSpeed's gradient all-reduce (flatten every gradient into a buffer,
         # all-reduce it over the 1-rank group, copy it back) changes nothing; skip it
         engine.enable_backward_allreduce = False
-    clip_keeps_norm = _keep_clip_norm(engine)
+    # the logged grad norm: DeepSpeed's own (get_global_grad_norm) where it reports one, else
+    # computed here from the gradients before engine.step(); it is known after the first step
+    # which of the two this run has
+    own_norm_needed = True
 
     state = ckpt.TrainerState(world_size=world)
     latest = None if force else ckpt.find_latest_complete(run_dir)
@@ -972,12 +1042,13 @@ def train_main(
             run_name=f"train-{key}",
         )
     log.info(
-        "train %s: %d train samples, %d steps/epoch, %d steps (starting at %d)",
+        "train %s: %d train samples, %d steps/epoch, %d steps (starting at %d), feature noise %g",
         key,
         len(train_data),
         steps_per_epoch,
         total_steps,
         state.step,
+        noise,
     )
 
     bar = None
@@ -1030,16 +1101,22 @@ def train_main(
                 own_norm = None
                 for a in range(cfg.grad_accum):
                     mb = next(batches)
-                    out = _loss_output(engine(to_draft_batch(mb, setup, cfg, device, dtype)))
+                    batch = to_draft_batch(mb, setup, cfg, device, dtype)
+                    batch = add_feature_noise(
+                        batch, mb.sample_ids, noise, seed=cfg.seed, epoch=state.epoch
+                    )
+                    out = _loss_output(engine(batch))
                     loss = _check_finite(out, mb, state.step, device)
                     engine.backward(out.loss)
-                    if a == cfg.grad_accum - 1 and not clip_keeps_norm:
+                    if a == cfg.grad_accum - 1 and own_norm_needed:
                         own_norm = _param_grad_norm(engine)  # grads are all-reduced by now
                     engine.step()
                     stats.add(out, mb, loss)
                 grad_norm = _grad_norm(engine)
                 if grad_norm is None:
-                    grad_norm = _clip_norm(engine) if clip_keeps_norm else own_norm
+                    grad_norm = own_norm
+                else:
+                    own_norm_needed = False
                 if grad_norm is not None and not math.isfinite(grad_norm):
                     raise TrainingError(
                         f"non-finite gradient norm {grad_norm} at step {state.step + 1} "

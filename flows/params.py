@@ -239,6 +239,12 @@ class TrainParams(_Section):
         "offline", description="offline: from extracted hidden states; online: target in the step"
     )
     ttt_steps: int = Field(7, ge=1, le=16, description="Unrolled training-time-test steps")
+    feature_noise: float | None = Field(
+        None,
+        ge=0,
+        description="Training noise on the target features fed to the draft "
+        "(empty: EAGLE-1 0.2, EAGLE-3 0)",
+    )
     lr: float = Field(5e-5, gt=0, lt=1.0, description="AdamW learning rate")
     batch_size: int = Field(1, ge=1, description="Micro batch per process")
     grad_accum: int = Field(1, ge=1, description="Micro batches per optimizer step")
@@ -282,6 +288,7 @@ class TrainParams(_Section):
             kind=self.draft_kind,
             mode=self.mode,
             ttt_steps=self.ttt_steps,
+            feature_noise=self.feature_noise,
             lr=self.lr,
             batch_size=self.batch_size,
             grad_accum=self.grad_accum,

@@ -127,10 +127,10 @@ def test_pinned_copy_keeps_the_values(hidden_data: dict):
 
 @pytest.mark.slow  # DeepSpeed import + a 6-step inline run (~15 s on 2 busy cores)
 def test_loop_trains_like_a_plain_torch_loop_on_the_same_batches(hidden_data: dict, tmp_path):
-    """The DeepSpeed loop (prefetched data, 1-rank all-reduce skipped, DeepSpeed's clip norm
-    kept) gives the weights, losses and grad norms of compute_loss + backward + clip + AdamW
-    with the same schedule: the bare side of benchmarks/bench_train_step.py does the same
-    math as the loop it is compared with."""
+    """The DeepSpeed loop (prefetched data, 1-rank all-reduce skipped, fp32 ZeRO-0 grad norm
+    taken before engine.step()) gives the weights, losses and grad norms of compute_loss +
+    backward + clip + AdamW with the same schedule: the bare side of
+    benchmarks/bench_train_step.py does the same math as the loop it is compared with."""
     from eagle_core import train as T
     from eagle_core.loss import compute_loss
     from eagle_core.metrics import read_metrics
