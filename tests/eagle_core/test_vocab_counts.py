@@ -321,3 +321,38 @@ def test_empty_table_footer_roundtrip(tmp_path):
     ref = store.ref("tokenize", "e")
     ids, counts = decode_masked_counts(read_footer(store, ref, "shard-00000.parquet"))
     assert ids.size == 0 and counts.size == 0
+
+
+def test_footer_value_roundtrip_extremes(tmp_path):
+    """Negative, int32-extreme and sparse ids and large counts survive the footer encoding."""
+    from eagle_core.vocab import encode_masked_counts
+
+    ids = np.array([-(2**31), -3, 0, 1, 70_000, 2**31 - 1], np.int32)
+    counts = np.array([1, 2**40, 3, 1, 255, 7], np.int64)
+    n = np.minimum(counts, 300)
+    rows = [([int(t)] * int(k), [1] * int(k)) for t, k in zip(ids, n, strict=True)]
+    store = ArtifactStore(str(tmp_path / "store"))
+    table = build_table(
+        {
+            "sample_id": [str(i) for i in range(len(rows))],
+            "source": ["t"] * len(rows),
+            "input_ids": [r[0] for r in rows],
+            "loss_mask": [r[1] for r in rows],
+        },
+        schema=TOKENS_SCHEMA,
+    )
+    levels = sum(max(len(r[0]), 1) for r in rows)
+    value = encode_masked_counts(ids, counts, rows=len(rows), levels=levels)
+    with store.publish("tokenize", "x") as w:
+        write_parquet(w, "shard-00000.parquet", table, file_metadata={MASKED_COUNTS_KEY: value})
+    got_ids, got_counts = decode_masked_counts(
+        read_footer(store, store.ref("tokenize", "x"), "shard-00000.parquet")
+    )
+    assert got_ids.tolist() == ids.tolist() and got_counts.tolist() == counts.tolist()
+    # and what masked_counts_footer makes from the same table is its real histogram
+    real_ids, real_counts = masked_histogram(
+        np.concatenate([np.array(r[0], np.int32) for r in rows]),
+        np.concatenate([np.array(r[1], np.int8) for r in rows]),
+    )
+    assert real_ids.tolist() == ids.tolist()
+    assert real_counts.tolist() == n.tolist()
