@@ -27,7 +27,6 @@ import binascii
 import json
 import logging
 import os
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -265,9 +264,15 @@ def _shuffle(a: np.ndarray) -> bytes:
     return a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes()
 
 
-def _unshuffle(data: bytes, dtype: str, n: int) -> np.ndarray:
-    width = np.dtype(dtype).itemsize
-    return np.frombuffer(data, np.uint8).reshape(width, n).T.copy().view(dtype).reshape(n)
+def _unshuffle(data: bytes, n: int, width: int) -> np.ndarray:
+    """Inverse of _shuffle for unsigned little-endian `width`-byte numbers -> int64 [n]
+    (the top bit of an 8-byte number lands in the sign)."""
+    planes = np.frombuffer(data, np.uint8).reshape(width, n)
+    out = planes[0].astype(np.int64)
+    for k in range(1, width):
+        if planes[k].any():  # mostly zero planes: small gaps and counts
+            out |= planes[k].astype(np.int64) << (8 * k)
+    return out
 
 
 def encode_masked_counts(ids: np.ndarray, counts: np.ndarray, *, rows: int, levels: int) -> str:
@@ -276,10 +281,10 @@ def encode_masked_counts(ids: np.ndarray, counts: np.ndarray, *, rows: int, leve
     JSON (ASCII, so any Parquet tool shows it): `format`, the shard's `rows` and `levels`
     (Parquet num_values of the input_ids and loss_mask leaves: they tie the histogram to
     the table it was made from), `masked_tokens` (= sum of counts), `distinct` (D), `first`
-    (ids[0], 0 if D == 0) and `data`: base64 of zlib (level 1) of the byte-shuffled
+    (ids[0], 0 if D == 0) and `data`: base64 of one zstd frame of the byte-shuffled
     little-endian uint32 gaps ids[1:] - ids[:-1] [D-1], then the byte-shuffled int64 counts
-    [D]. (A 1M-token shard over a 128k vocab: ~60k distinct ids, ~60 kB of footer, a third
-    of the plain ids + counts zlib'd.)
+    [D] (12 D - 4 bytes). A 1M-token shard over a 128k vocab: ~60k distinct ids, ~48 kB
+    of footer (a quarter of plain ids + counts, zlib'd), decoded in ~1 ms.
 
     Args:
         ids: int32 [D] distinct ids, ascending; counts: int64 [D] (masked_histogram).
@@ -296,7 +301,7 @@ def encode_masked_counts(ids: np.ndarray, counts: np.ndarray, *, rows: int, leve
             "masked_tokens": int(counts.sum()),
             "distinct": int(ids64.shape[0]),
             "first": int(ids64[0]) if ids64.size else 0,
-            "data": base64.b64encode(zlib.compress(raw, 1)).decode("ascii"),
+            "data": base64.b64encode(pa.compress(raw, codec="zstd", asbytes=True)).decode(),
         },
         separators=(",", ":"),
     )
@@ -361,14 +366,19 @@ def decode_masked_counts(footer: ParquetFooter) -> tuple[np.ndarray, np.ndarray]
     try:
         rows, levels = int(doc["rows"]), int(doc["levels"])
         total, d, first = int(doc["masked_tokens"]), int(doc["distinct"]), int(doc["first"])
-        data = zlib.decompress(base64.b64decode(doc["data"], validate=True))
-    except (KeyError, TypeError, ValueError, binascii.Error, zlib.error) as exc:
+        if d < 0:
+            raise ValueError(f"distinct={d}")
+        size = 12 * d - 4 if d else 0
+        packed = base64.b64decode(doc["data"], validate=True)
+        # the frame must decode to exactly `size` bytes (OSError otherwise)
+        data = pa.decompress(packed, decompressed_size=size, codec="zstd", asbytes=True)
+    except (KeyError, TypeError, ValueError, binascii.Error, OSError, pa.ArrowException) as exc:
         raise FooterCountsUnusable(f"damaged ({type(exc).__name__}: {exc})") from exc
-    if d < 0 or len(data) != (12 * d - 4 if d else 0):
+    if len(data) != size:
         raise FooterCountsUnusable(f"damaged ({len(data)} data bytes for {d} distinct ids)")
     if d:
-        gaps = _unshuffle(data[: 4 * (d - 1)], "<u4", d - 1).astype(np.int64)
-        counts = _unshuffle(data[4 * (d - 1) :], "<i8", d).astype(np.int64)
+        gaps = _unshuffle(data[: 4 * (d - 1)], d - 1, 4)
+        counts = _unshuffle(data[4 * (d - 1) :], d, 8)
         ids64 = np.concatenate([[first], first + np.cumsum(gaps)])
         if (
             (gaps.size and int(gaps.min()) <= 0)
@@ -476,7 +486,15 @@ def choose_draft_ids(counts: np.ndarray, n: int) -> np.ndarray:
             f"draft_vocab_size={n} is larger than the target vocab ({v})",
             fix=f"use draft_vocab_size <= {v}",
         )
-    ids = np.arange(v)
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    ids = np.arange(v, dtype=np.int64)
+    cmax = int(counts.max())
+    if n < v and cmax < (1 << 62) // v:
+        # one distinct key per id, ordered by (count desc, id asc); unseen ids (count 0)
+        # come last in id order, i.e. they are the filler. O(V) selection, no sort.
+        key = (cmax - counts.astype(np.int64)) * v + ids
+        return np.sort(np.argpartition(key, n - 1)[:n]).astype(np.int64)
     order = np.lexsort((ids, -counts))  # by count desc, then id asc
     seen = order[counts[order] > 0][:n]
     if seen.size < n:

@@ -356,3 +356,18 @@ def test_footer_value_roundtrip_extremes(tmp_path):
     )
     assert real_ids.tolist() == ids.tolist()
     assert real_counts.tolist() == n.tolist()
+
+
+def test_choose_draft_ids_selection_equals_the_definition():
+    """The O(V) selection (and the sort fallback for huge counts) against the plain rule:
+    count desc, ties to the lower id, the smallest unseen ids as filler."""
+    from eagle_core.vocab import choose_draft_ids
+
+    rng = np.random.default_rng(3)
+    for v, n, scale in [(50, 10, 3), (50, 50, 3), (50, 45, 2), (400, 37, 5), (30, 7, 2**61)]:
+        counts = rng.integers(0, scale, v).astype(np.int64)
+        counts[rng.random(v) < 0.3] = 0
+        ranked = sorted(range(v), key=lambda t: (-counts[t], t))
+        seen = [t for t in ranked if counts[t] > 0][:n]
+        filler = [t for t in range(v) if counts[t] == 0][: n - len(seen)]
+        assert choose_draft_ids(counts, n).tolist() == sorted(seen + filler), (v, n, scale)
