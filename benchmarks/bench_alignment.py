@@ -31,11 +31,14 @@ METRICS = (
     "tau_chat",
     "first_token_accept_fim",
     "tau_predicted",
+    "tau_predicted_teacher_forced",
     "tau_all",
     "tau_gap",
+    "tau_gap_teacher_forced",
     "tau_gap_fim",
     "tau_gap_chat",
 )
+PER_SEED = ("tau_fim", "tau_chat", "tau_all", "tau_predicted", "tau_predicted_teacher_forced")
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -48,9 +51,23 @@ def _std(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.stdev(vals) if len(vals) > 1 else None
 
 
+def _abs_mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    return _mean([{"g": abs(r[key])} for r in _rs_with(rows, key)], "g")
+
+
+def _rs_with(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The runs that have a value (not None) for `key`."""
+    return [r for r in rows if r.get(key) is not None]
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--result-name",
+        default="alignment",
+        help="writes benchmarks/results/<name>.json (e.g. alignment-200steps for a longer run)",
+    )
     run = start(ap.parse_args())
     store, data, budget, target, args = run.store, run.data, run.budget, run.target, run.args
     runs: dict[str, list[dict[str, Any]]] = {"aligned": [], "reference": []}
@@ -66,6 +83,10 @@ def main() -> None:
                     alignment=scheme,
                 )
             )
+    for rs in runs.values():  # gap to the teacher-forced prediction (measured − predicted)
+        for r in rs:
+            tf, tau = r.get("tau_predicted_teacher_forced"), r.get("tau_all")
+            r["tau_gap_teacher_forced"] = tau - tf if tf is not None and tau is not None else None
     rows = []
     for scheme, rs in runs.items():
         row: dict[str, Any] = {"training": scheme, "seeds": len(rs)}
@@ -73,20 +94,26 @@ def main() -> None:
             row[m] = _mean(rs, m)
             if m in ("tau_fim", "tau_chat"):
                 row[m + "_std"] = _std(rs, m)
-        row["abs_tau_gap"] = _mean([{"g": abs(r["tau_gap"])} for r in rs if r.get("tau_gap")], "g")
+        row["abs_tau_gap"] = _abs_mean(rs, "tau_gap")
+        row["abs_tau_gap_teacher_forced"] = _abs_mean(rs, "tau_gap_teacher_forced")
+        # "conditional" / "teacher-forced" (eagle_core.consistency), one entry per distinct value
+        row["tau_predicted_from"] = "/".join(sorted({str(r.get("tau_predicted_from")) for r in rs}))
+        for m in PER_SEED:
+            row[m + "_per_seed"] = [r.get(m) for r in rs]
         rows.append(row)
     a, r = rows
     save(
-        "alignment",
+        args.result_name,
         rows,
-        command=f"python -m benchmarks.bench_alignment --seeds {args.seeds} --target {target}",
+        command=f"python -m benchmarks.bench_alignment --seeds {args.seeds} --steps "
+        f"{budget.steps} --train-samples {budget.train_samples} --target {target}",
         target_model=target,
         budget=dataclasses.asdict(budget),
         seeds=args.seeds,
         runs=runs,
         aligned_minus_reference={
             m: (a[m] - r[m]) if a[m] is not None and r[m] is not None else None
-            for m in (*METRICS, "abs_tau_gap")
+            for m in (*METRICS, "abs_tau_gap", "abs_tau_gap_teacher_forced")
         },
         wall_s=time.time() - run.started,
     )
