@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from mask_runs import masked_runs
 from transformers import AutoTokenizer
 
 from eagle_core.chat import (
@@ -34,19 +35,6 @@ CONVS = [
     ],
 ]
 EOT = {"chatml": "<|im_end|>", "chatml_generation": "<|im_end|>", "llama3": "<|eot_id|>"}
-
-
-def masked_runs(ids, mask):
-    runs, cur = [], []
-    for t, m in zip(ids, mask, strict=True):
-        if m:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return runs
 
 
 def expected(conv, template, keep_reasoning):

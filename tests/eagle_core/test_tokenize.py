@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mask_runs import masked_runs
 from transformers import AutoTokenizer
 
 from eagle_core.download import DownloadConfig, SourceSpec, download
@@ -61,17 +62,6 @@ def records(tmp_path):
     return store, ref
 
 
-def runs(ids, mask):
-    out, cur = [], []
-    for t, m in zip(ids, mask, strict=True):
-        if m:
-            cur.append(t)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
-
-
 @pytest.mark.parametrize("family", ["starcoder", "qwen", "codellama"])
 @pytest.mark.parametrize("order", ["psm", "spm"])
 def test_every_sample_masks_exactly_answers_and_middles(
@@ -90,11 +80,11 @@ def test_every_sample_masks_exactly_answers_and_middles(
             for t in c["conversations"]
         ]
         want = [t["content"] + "<|im_end|>" for t in turns if t["role"] == "assistant"]
-        assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == want
+        assert [tok.decode(r) for r in masked_runs(s["input_ids"], s["loss_mask"])] == want
     p, sx, m = SENT[family]
     for f in FIMS:
         s = got[f"m/{f['id']}"]
-        assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == [
+        assert [tok.decode(r) for r in masked_runs(s["input_ids"], s["loss_mask"])] == [
             f["middle"] + END[family]
         ]
         text = tok.decode(s["input_ids"])
@@ -279,11 +269,11 @@ def test_demo_tokenizer_generation_and_offsets_masks_agree(records, small_tokeni
     by_id = {s["sample_id"]: s for s in a}
     for f in FIMS:
         s = by_id[f"m/{f['id']}"]
-        assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == [
+        assert [tok.decode(r) for r in masked_runs(s["input_ids"], s["loss_mask"])] == [
             f["middle"] + "<|endoftext|>"
         ]
     s = by_id["m/multi"]
-    assert [tok.decode(r) for r in runs(s["input_ids"], s["loss_mask"])] == [
+    assert [tok.decode(r) for r in masked_runs(s["input_ids"], s["loss_mask"])] == [
         t["content"] + "<|im_end|>" for t in CHATS[0]["messages"] if t["role"] == "assistant"
     ]
 
