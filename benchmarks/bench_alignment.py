@@ -6,7 +6,10 @@ Same data, steps and seed per pair; `--seeds` seeds each (issue: 3). For each dr
   how often the first drafted token of a round is accepted, over every round of the FIM
   middles) — the reference loss mask never trains the first token of a middle;
 - τ predicted from the held-out per-step accuracy of training (as conditional acceptance
-  rates: 1 + Σ_i Π_{j<=i} a_j, k=5) and its gap to the measured τ (all prompts).
+  rates: 1 + Σ_i Π_{j<=i} a_j, k=5) and its gap to the measured τ (all prompts):
+  `tau_predicted` from the serving-faithful conditional rates when the run logged them
+  (`tau_predicted_from` says which), `tau_predicted_teacher_forced` from the teacher-forced
+  per-step accuracy, each with its gap (measured − predicted).
 Reference = `ttt_alignment="reference"`: loss on `loss_mask[t+k]`, shifted-diagonal TTT
 attention mask (see eagle_core/loss.py); aligned = the pipeline's default.
 
@@ -14,6 +17,7 @@ Data and the aligned seed-0 draft are shared with `bench_quality` (same store, s
 whatever it already computed is reused.
 
 Run: .venv/bin/python -m benchmarks.bench_alignment --target <demo target URL> [--seeds 3]
+     [--steps N --result-name alignment-Nsteps]  (writes benchmarks/results/<name>.json)
 """
 
 from __future__ import annotations
