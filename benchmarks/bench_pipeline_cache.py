@@ -11,7 +11,7 @@ paid once, before the first run, and the ratio shows the pipeline's own cache pa
 stage's key computed and its manifest found). On a loaded 2-core machine the CLI ratio is
 dominated by that fixed start-up cost; the in-process one is what a warm worker sees.
 
-Run: .venv/bin/python -m benchmarks.bench_pipeline_cache [--full] [--skip-cli]
+Run: .venv/bin/python -m benchmarks.bench_pipeline_cache [--full] [--skip-cli | --skip-in-process]
 """
 
 from __future__ import annotations
@@ -101,11 +101,12 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the full demo instead of --quick")
     ap.add_argument("--keep", action="store_true", help="keep the temporary stores")
     ap.add_argument("--skip-cli", action="store_true", help="only the in-process pair")
+    ap.add_argument("--skip-in-process", action="store_true", help="only the CLI pair")
     args = ap.parse_args()
     quick = not args.full
     rows: list[dict] = []
     results: dict[str, dict] = {}
-    pairs = [("in-process flow", run_in_process)]
+    pairs = [] if args.skip_in_process else [("in-process flow", run_in_process)]
     if not args.skip_cli:
         pairs.insert(0, ("CLI (new process each)", run_demo))
     for mode, fn in pairs:
@@ -120,8 +121,9 @@ def main() -> None:
         rows += r
         results[mode] = summary
         print(f"{mode}: {r}", flush=True)  # kept in the log should a later pair fail
+    name = "pipeline_cache" + ("" if quick else "_full")
     save(
-        "pipeline_cache_inprocess" if args.skip_cli else "pipeline_cache",
+        name + ("_inprocess" if args.skip_cli else "_cli" if args.skip_in_process else ""),
         rows,
         command=f"eagle-pipeline demo {'--quick ' if quick else ''}--store <tmp> (x2), "
         "and the retrain flow twice in one process",
