@@ -9,7 +9,13 @@ import threading
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_samples, make_tiny_target, publish_hidden, publish_tokens
+from train_helpers import (
+    make_samples,
+    make_tiny_target,
+    plain_torch_loop,
+    publish_hidden,
+    publish_tokens,
+)
 
 from eagle_core.errors import DataError
 from eagle_core.train_data import BatchPrefetcher, CollatedBatch, ShardDataset, collate
@@ -132,7 +138,6 @@ def test_loop_trains_like_a_plain_torch_loop_on_the_same_batches(hidden_data: di
     backward + clip + AdamW with the same schedule: the bare side of
     benchmarks/bench_train_step.py does the same math as the loop it is compared with."""
     from eagle_core import train as T
-    from eagle_core.loss import compute_loss
     from eagle_core.metrics import read_metrics
 
     cfg = T.TrainConfig(
@@ -153,31 +158,12 @@ def test_loop_trains_like_a_plain_torch_loop_on_the_same_batches(hidden_data: di
     records = [r for r in read_metrics(os.path.join(ref.url, "metrics.jsonl"))]
     real_sd = load_file(os.path.join(ref.url, T.FINAL_WEIGHTS))
 
-    inputs = T.resolve_inputs(store, cfg)
-    setup = T.build_models(store, cfg, inputs, torch.device("cpu"))
-    ds = ShardDataset(None, inputs.data, hidden=True, split="train", seed=cfg.seed)
-    plan = T._plan(ds, cfg, 0, 1)[: cfg.steps]
-    draft = setup.draft.train()
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg, cfg.steps))
-    losses, norms = [], []
-    for idx in plan:
-        mb = collate([ds[i] for i in idx], torch.float32)
-        batch = T.to_draft_batch(mb, setup, cfg, torch.device("cpu"), torch.float32)
-        out = compute_loss(draft, batch, setup.head, cfg.ttt())
-        out.loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
+    losses, norms, bare_sd = plain_torch_loop(store, cfg)
 
     assert [r["step"] for r in records] == list(range(1, 7))
     assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-5)
     assert [r["grad_norm"] for r in records] == pytest.approx(norms, rel=1e-5)
     assert max(norms) > cfg.grad_clip  # clipping did act
-    bare_sd = draft.state_dict()
     assert set(bare_sd) == set(real_sd)
     for k, v in bare_sd.items():
         torch.testing.assert_close(real_sd[k], v.float() if v.is_floating_point() else v)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import train_config, train_inputs
+from train_helpers import plain_torch_loop, train_config, train_inputs
 
 from storage import ArtifactStore
 
@@ -27,9 +27,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
 )
 def test_logged_grad_norm_is_the_pre_clip_norm(data: dict, tmp_path, zero_stage, grad_accum):
     from eagle_core import train as T
-    from eagle_core.loss import compute_loss
     from eagle_core.metrics import read_metrics
-    from eagle_core.train_data import ShardDataset, collate, micro_batch_index
 
     cfg = train_config(
         data,
@@ -46,30 +44,11 @@ def test_logged_grad_norm_is_the_pre_clip_norm(data: dict, tmp_path, zero_stage,
     ref = T.run_training(store, cfg)
     records = [r for r in read_metrics(os.path.join(ref.url, "metrics.jsonl"))]
     real_sd = load_file(os.path.join(ref.url, T.FINAL_WEIGHTS))
-
-    # the same run as a plain loop: loss / grad_accum summed, clip_grad_norm_, AdamW
-    inputs = T.resolve_inputs(store, cfg)
-    setup = T.build_models(store, cfg, inputs, torch.device("cpu"))
-    ds = ShardDataset(None, inputs.data, hidden=True, split="train", seed=cfg.seed)
-    plan = T._plan(ds, cfg, 0, 1)
-    draft = setup.draft.train()
-    params = [p for p in draft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg, cfg.steps))
-    norms = []
-    for s in range(cfg.steps):
-        for a in range(grad_accum):
-            idx = plan[micro_batch_index(s, a, 0, 1, grad_accum)]
-            mb = collate([ds[i] for i in idx], torch.float32)
-            batch = T.to_draft_batch(mb, setup, cfg, torch.device("cpu"), torch.float32)
-            (compute_loss(draft, batch, setup.head, cfg.ttt()).loss / grad_accum).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    losses, norms, bare_sd = plain_torch_loop(store, cfg)
 
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["grad_norm"] for r in records] == pytest.approx(norms, rel=1e-5)
     assert min(norms) > cfg.grad_clip  # every step clipped: a post-clip norm would be 0.2
-    for k, v in draft.state_dict().items():
+    assert [r["loss"] for r in records] == pytest.approx(losses, rel=1e-5)
+    for k, v in bare_sd.items():
         torch.testing.assert_close(real_sd[k], v.float() if v.is_floating_point() else v)

@@ -151,3 +151,44 @@ def train_config(inputs: dict[str, Any], root: str, **kw: Any) -> TrainConfig:
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+def plain_torch_loop(
+    store: ArtifactStore, cfg: TrainConfig
+) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """`cfg`'s run redone as a plain PyTorch loop on the same micro batches: per optimizer step
+    the loss / grad_accum of each micro batch is backpropagated, `clip_grad_norm_` clips, AdamW
+    and the run's schedule step. One process, fp32, offline data.
+
+    Returns the mean micro-batch loss and the pre-clip gradient norm of every step, and the
+    draft's final state dict.
+    """
+    from eagle_core import train as T
+    from eagle_core.loss import compute_loss
+    from eagle_core.train_data import ShardDataset, collate, micro_batch_index
+
+    assert cfg.steps is not None, "give the run a step count"
+    inputs = T.resolve_inputs(store, cfg)
+    setup = T.build_models(store, cfg, inputs, torch.device("cpu"))
+    ds = ShardDataset(None, inputs.data, hidden=True, split="train", seed=cfg.seed)
+    plan = T._plan(ds, cfg, 0, 1)
+    draft = setup.draft.train()
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg, cfg.steps))
+    losses, norms = [], []
+    for s in range(cfg.steps):
+        step_loss = 0.0
+        for a in range(cfg.grad_accum):
+            idx = plan[micro_batch_index(s, a, 0, 1, cfg.grad_accum)]
+            mb = collate([ds[i] for i in idx], torch.float32)
+            batch = T.to_draft_batch(mb, setup, cfg, torch.device("cpu"), torch.float32)
+            loss = compute_loss(draft, batch, setup.head, cfg.ttt()).loss / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return losses, norms, draft.state_dict()
