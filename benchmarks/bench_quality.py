@@ -127,14 +127,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def start(args: argparse.Namespace) -> Run:
-    """Log to stderr, resolve (or build) the target and prepare the shared, cached data."""
+def start(args: argparse.Namespace, extract_train: bool = True) -> Run:
+    """Log to stderr, resolve (or build) the target and prepare the shared, cached data
+    (`extract_train`: see `prepare`)."""
     setup_logging()
     budget = budget_from_args(args)
     store = ArtifactStore(args.store)
     started = time.time()
     target = resolve_target(store, args.target)
-    return Run(args, budget, store, target, prepare(store, target, budget), started)
+    data = prepare(store, target, budget, extract_train=extract_train)
+    return Run(args, budget, store, target, data, started)
 
 
 def _download(store: ArtifactStore, path: str, kind: str, n: int | None) -> StageRef:
@@ -142,6 +144,23 @@ def _download(store: ArtifactStore, path: str, kind: str, n: int | None) -> Stag
 
     cfg = DownloadConfig(sources=(SourceSpec(path=path, kind=kind),), max_samples=n, seed=0)
     return download(store, cfg)
+
+
+def tokenize_only(
+    store: ArtifactStore,
+    target: str,
+    records: StageRef,
+    kind: str,
+    budget: Budget,
+    loss_on: str = "answer",
+) -> StageRef:
+    """tokenize one records artifact with the target's tokenizer (the benchmarks' settings)."""
+    from eagle_core.tokenize import TokenizeConfig, tokenize
+
+    tcfg = TokenizeConfig(
+        tokenizer=target, format=kind, max_length=budget.max_length, loss_on=loss_on
+    )
+    return tokenize(store, records, tcfg)
 
 
 def tokenize_and_extract(
@@ -154,30 +173,33 @@ def tokenize_and_extract(
 ) -> tuple[StageRef, StageRef]:
     """tokenize -> extract_hidden of one records artifact with the target."""
     from eagle_core.extract import ExtractConfig, extract_hidden
-    from eagle_core.tokenize import TokenizeConfig, tokenize
 
-    tcfg = TokenizeConfig(
-        tokenizer=target, format=kind, max_length=budget.max_length, loss_on=loss_on
-    )
-    tok = tokenize(store, records, tcfg)
+    tok = tokenize_only(store, target, records, kind, budget, loss_on)
     hid = extract_hidden(
         store, tok, ExtractConfig(target=target, batch_size=8, model_dtype="float32")
     )
     return tok, hid
 
 
-def prepare(store: ArtifactStore, target: str, budget: Budget) -> Data:
-    """download -> tokenize -> scan_vocab -> extract_hidden for the train and held-out files."""
+def prepare(store: ArtifactStore, target: str, budget: Budget, extract_train: bool = True) -> Data:
+    """download -> tokenize -> scan_vocab -> extract_hidden for the train and held-out files.
+
+    extract_train=False skips extract_hidden of the train files (`Data.hidden` is empty): for
+    a caller that trains only on other data (the vocabulary map still comes from them).
+    """
     from eagle_core.vocab import VocabConfig, scan_vocab
 
     t0 = time.time()
     train_records, heldout_records, tokens, hidden, heldout_hidden = [], [], [], [], []
     for name, kind in TRAIN_FILES:
         rec = _download(store, f"{target}/{name}", kind, budget.train_samples)
-        tok, hid = tokenize_and_extract(store, target, rec, kind, budget)
+        if extract_train:
+            tok, hid = tokenize_and_extract(store, target, rec, kind, budget)
+            hidden.append(hid)
+        else:
+            tok = tokenize_only(store, target, rec, kind, budget)
         train_records.append(rec)
         tokens.append(tok)
-        hidden.append(hid)
     for name, kind in HELDOUT_FILES:
         rec = _download(store, f"{target}/{name}", kind, budget.heldout_samples)
         _tok, hid = tokenize_and_extract(store, target, rec, kind, budget)
