@@ -54,6 +54,7 @@ from eagle_core.train_data import (
     CollatedBatch,
     ShardDataset,
     collate,
+    count_over_budget,
     micro_batch_index,
     plan_epoch,
 )
@@ -119,6 +120,10 @@ class TrainConfig:
     batch_size: int = 1  # micro batch per process (long samples: 1 fits most GPUs)
     grad_accum: int = 1  # micro batches per optimizer step and process
     group_steps: int = 16  # length grouping window in optimizer steps; <=1: plain shuffle
+    # padded tokens (samples x longest) per micro batch; None: batch_size samples each. Set,
+    # micro batches hold 1 to batch_size samples (a longer sample: alone); each micro batch's
+    # loss stays its per-token mean (eagle_core/loss.py), micro batches weigh the same
+    max_tokens: int | None = None
     zero_stage: int = 0  # DeepSpeed ZeRO 0-3; the draft is small, 0-1 is usually enough
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPUs; fp32 on CPU
     target_dtype: Literal["float32", "bfloat16"] = "float32"  # target weights (online/head)
@@ -212,6 +217,16 @@ class TrainConfig:
                 f"train.feature_noise={self.feature_noise!r} is not a finite number >= 0",
                 fix=f"use None (the reference's: {REFERENCE_FEATURE_NOISE}), 0 (off) or e.g. 0.2",
             )
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise ConfigError(
+                f"train.max_tokens={self.max_tokens!r} is not an integer >= 1",
+                fix="use None (batch_size samples per micro batch) or a token budget such as "
+                "16384 (micro batch samples x its longest sample)",
+            )
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(
                 f"train.deepspeed_config={self.deepspeed_config!r} is not a file",
@@ -248,6 +263,8 @@ class TrainConfig:
         d.pop("feature_noise")
         if self.noise_scale():
             d["feature_noise"] = self.noise_scale()
+        if self.max_tokens is None:  # runs without a token budget keep their keys
+            d.pop("max_tokens")
         return d
 
     def noise_scale(self) -> float:
@@ -1003,7 +1020,18 @@ def train_main(
     module = DraftTrainModule(setup.draft, setup.head, cfg.ttt())
     plan0 = _plan(train_data, cfg, 0, world)
     steps_per_epoch = len(plan0) // (world * cfg.grad_accum)
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.steps or _epoch_steps_total(train_data, cfg, world, plan0)
+    if cfg.max_tokens is not None:
+        over = count_over_budget(plan0, train_data.lengths, cfg.max_tokens)
+        log.log(
+            logging.WARNING if over else logging.INFO,
+            "train %s: max_tokens=%d: %d micro batches in epoch 0 (%d of them one sample "
+            "longer than max_tokens)",
+            key,
+            cfg.max_tokens,
+            len(plan0),
+            over,
+        )
     scheduler = None
     if "scheduler" not in ds_config:
         fn = lr_lambda(cfg, total_steps)
@@ -1219,6 +1247,20 @@ def _plan(data: ShardDataset, cfg: TrainConfig, epoch: int, world: int) -> list[
         world_size=world,
         grad_accum=cfg.grad_accum,
         group_steps=cfg.group_steps,
+        max_tokens=cfg.max_tokens,
+    )
+
+
+def _epoch_steps_total(
+    data: ShardDataset, cfg: TrainConfig, world: int, plan0: list[list[int]]
+) -> int:
+    """Optimizer steps of `cfg.epochs` epochs: the sum of each epoch's own plan's steps (with
+    a token budget plans differ in length between epochs; without, all equal epoch 0's)."""
+    per_step = world * cfg.grad_accum
+    if cfg.max_tokens is None:
+        return cfg.epochs * (len(plan0) // per_step)
+    return sum(
+        len(plan0 if e == 0 else _plan(data, cfg, e, world)) // per_step for e in range(cfg.epochs)
     )
 
 

@@ -27,6 +27,25 @@ W ranks with G accumulation steps sees exactly the samples of a run on 1 rank wi
 accumulation steps, step by step; the data position of a checkpoint is (epoch, micro batches
 consumed in that epoch) and does not depend on W.
 
+Token budget (`max_tokens`, TrainConfig.max_tokens): instead of a fixed micro batch of
+`micro_batch_size` samples, step 2 cuts each window's length-sorted samples greedily
+(`cut_micro_batches`): a micro batch takes the next sample while it holds fewer than
+`micro_batch_size` samples and (samples + 1) x longest <= max_tokens; a sample longer than
+the budget is a micro batch of its own (`count_over_budget`). A window is
+micro_batch_size x W x G x group_steps samples; its micro batches form optimizer steps of
+W x G micro batches, which are shuffled as in step 3 (a step's micro batches are of similar
+length, so ranks finish a step at about the same time). The micro batches left over after
+the last whole step of a window (its shortest samples) go back into the next window; the
+last window keeps them. Step 4 becomes: the list of micro batches is padded to whole
+optimizer steps by repeating its first micro batches. What holds:
+- every sample of the epoch is in exactly one micro batch, plus the padding repeats
+  (fewer than W x G micro batches, all taken from the start of the plan);
+- the plan depends on W and G only through W x G (window size, step size, padding): W ranks
+  with G accumulation steps read exactly the micro batches of 1 rank with W x G;
+- the number of micro batches, hence of optimizer steps, differs between epochs; the
+  data position of a checkpoint is (epoch, micro batches consumed), as above.
+Without `max_tokens` plans are exactly those of steps 1-4.
+
 `BatchPrefetcher` reads and collates a rank's micro batches one ahead, in a background thread,
 so shard reads and padding overlap the training step.
 """
@@ -278,21 +297,33 @@ def plan_epoch(
     world_size: int,
     grad_accum: int,
     group_steps: int,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
     """The epoch's micro batches (dataset indices), in global consumption order.
 
     See the module docstring. `group_steps` <= 1 turns length grouping off (plain shuffle).
-    The result's length is a multiple of world_size * grad_accum; every micro batch holds
-    exactly micro_batch_size indices.
+    The result's length is a multiple of world_size * grad_accum. Without `max_tokens` every
+    micro batch holds exactly micro_batch_size indices; with it, micro batches are cut by the
+    token budget (`_plan_token_budget`) and hold 1 to micro_batch_size indices.
     """
     rng = np.random.default_rng([seed, epoch])
     order: list[int] = []
     for b in rng.permutation(len(blocks)):
         block = blocks[int(b)]
         order.extend(block[int(i)] for i in rng.permutation(len(block)))
-    step_samples = micro_batch_size * world_size * grad_accum
     if not order:
         return []
+    if max_tokens is not None:
+        return _plan_token_budget(
+            order,
+            lengths,
+            rng,
+            micro_batch_size=micro_batch_size,
+            step_micro=world_size * grad_accum,
+            group_steps=group_steps,
+            max_tokens=max_tokens,
+        )
+    step_samples = micro_batch_size * world_size * grad_accum
     pad = (-len(order)) % step_samples
     while pad:  # a tiny data set may need more than one pass of repeats
         take = order[: min(pad, len(order))]
@@ -311,6 +342,81 @@ def plan_epoch(
             step = steps[int(s)]
             for m in range(0, step_samples, micro_batch_size):
                 plan.append([int(i) for i in step[m : m + micro_batch_size]])
+    return plan
+
+
+def cut_micro_batches(
+    indices: Sequence[int], lengths: Sequence[int], micro_batch_size: int, max_tokens: int
+) -> list[list[int]]:
+    """Cut `indices` (in order) greedily into micro batches under a padded-token budget.
+
+    A micro batch takes the next sample while it has fewer than `micro_batch_size` samples
+    and (samples + 1) x (longest length with the new one) <= `max_tokens`; the first sample
+    of a micro batch always goes in, so a sample longer than `max_tokens` is a micro batch
+    of its own (`count_over_budget` counts them).
+    """
+    out: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in indices:
+        n = int(lengths[i])
+        top = max(longest, n)
+        if cur and (len(cur) < micro_batch_size and (len(cur) + 1) * top <= max_tokens):
+            cur.append(int(i))
+            longest = top
+            continue
+        if cur:
+            out.append(cur)
+        cur, longest = [int(i)], n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def count_over_budget(
+    plan: Sequence[Sequence[int]], lengths: Sequence[int], max_tokens: int
+) -> int:
+    """Micro batches of `plan` over `max_tokens`: each is one sample longer than the budget."""
+    return sum(1 for mb in plan if len(mb) * max(int(lengths[i]) for i in mb) > max_tokens)
+
+
+def _plan_token_budget(
+    order: list[int],
+    lengths: Sequence[int],
+    rng: np.random.Generator,
+    *,
+    micro_batch_size: int,
+    step_micro: int,
+    group_steps: int,
+    max_tokens: int,
+) -> list[list[int]]:
+    """`plan_epoch` with a token budget per micro batch (module docstring, "Token budget")."""
+    window = micro_batch_size * step_micro * max(group_steps, 1)  # samples per window
+    plan: list[list[int]] = []
+    carry: list[int] = []
+    pos = 0
+    while pos < len(order) or carry:
+        chunk = np.asarray(carry + order[pos : pos + window], dtype=np.int64)
+        pos += window
+        chunk = chunk[rng.permutation(len(chunk))]
+        if group_steps > 1:
+            lens = np.asarray([lengths[i] for i in chunk])
+            chunk = chunk[np.argsort(-lens, kind="stable")]
+        micro = cut_micro_batches(chunk.tolist(), lengths, micro_batch_size, max_tokens)
+        whole = len(micro) // step_micro * step_micro
+        last = pos >= len(order)
+        carry = [] if last else [i for mb in micro[whole:] for i in mb]  # the shortest ones
+        steps = [micro[s : s + step_micro] for s in range(0, whole, step_micro)]
+        for s in rng.permutation(len(steps)):
+            plan.extend(steps[int(s)])
+        if last:
+            plan.extend(micro[whole:])
+            carry = []
+    pad = (-len(plan)) % step_micro
+    while pad:  # a tiny data set may need more than one pass of repeats
+        take = plan[: min(pad, len(plan))]
+        plan.extend([list(mb) for mb in take])
+        pad -= len(take)
     return plan
 
 

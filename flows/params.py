@@ -248,6 +248,11 @@ class TrainParams(_Section):
     lr: float = Field(5e-5, gt=0, lt=1.0, description="AdamW learning rate")
     batch_size: int = Field(1, ge=1, description="Micro batch per process")
     grad_accum: int = Field(1, ge=1, description="Micro batches per optimizer step")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget per micro batch: samples x longest (empty: batch size samples)",
+    )
     epochs: int = Field(1, ge=1, description="Passes over the data (when steps is empty)")
     steps: int | None = Field(None, ge=1, description="Optimizer steps (empty: epochs x data)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
@@ -292,6 +297,7 @@ class TrainParams(_Section):
             lr=self.lr,
             batch_size=self.batch_size,
             grad_accum=self.grad_accum,
+            max_tokens=self.max_tokens,
             epochs=self.epochs,
             steps=self.steps,
             zero_stage=self.zero_stage,

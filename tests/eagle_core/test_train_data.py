@@ -107,6 +107,23 @@ def test_length_grouping_cuts_padding():
     assert padded(16) < 0.25 * padded(1)
 
 
+def test_plan_without_max_tokens_is_unchanged():
+    """max_tokens=None (the default) gives exactly the plans of the code before the token
+    budget existed (expected values computed with that code)."""
+    lengths = np.random.default_rng(5).integers(3, 60, size=23).tolist()
+    blocks = _blocks(23, 5)
+    grouped = [[3, 1], [0, 12], [4, 13], [10, 2], [19, 22], [21, 11], [20, 18], [14, 15]]
+    grouped += [[7, 9], [17, 16], [8, 3], [6, 5]]
+    kw = dict(seed=2, world_size=2, grad_accum=1)
+    for extra in ({}, {"max_tokens": None}):
+        got = plan_epoch(blocks, lengths, epoch=1, micro_batch_size=2, group_steps=2, **kw, **extra)
+        assert got == grouped
+    plain = [[14, 10, 12], [11, 22, 13], [20, 21, 15], [19, 16, 18], [0, 3, 17], [2, 1, 4]]
+    plain += [[9, 7, 8], [5, 12, 6]]
+    kw = dict(seed=2, world_size=1, grad_accum=1)
+    assert plan_epoch(blocks, lengths, epoch=0, micro_batch_size=3, group_steps=1, **kw) == plain
+
+
 def test_heldout_split_is_by_id_and_stable():
     ids = [f"id-{i}" for i in range(2000)]
     held = [i for i in ids if is_heldout(i, 0.1, seed=0)]
