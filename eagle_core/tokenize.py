@@ -56,7 +56,10 @@ from storage.shards import iter_batches, write_parquet
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "2"  # 2: shard footers hold the masked-token histogram
+# stays "1" although shard footers now hold the masked-token histogram: the rows are the
+# same, scan_vocab scans shards without one, and a bump would recompute every stage after
+# tokenize (hidden-state extraction included) in every existing store
+CODE_VERSION = "1"
 STAGE = "tokenize"
 Format = Literal["auto", "chat", "fim", "tokens"]
 
@@ -507,8 +510,9 @@ def tokenize(
         progress: called as progress(input_rows_done, input_rows_total).
         num_proc: worker processes (each loads the tokenizer); not part of the key.
         footer_counts: store each shard's masked-token histogram in its footer (False: the
-            shards as CODE_VERSION 1 wrote them, which scan_vocab scans; for measuring what
-            the histograms cost). Not part of the key: the rows are the same.
+            shards as earlier versions wrote them, which scan_vocab scans; for measuring what
+            the histograms cost). Not part of the key: the rows are the same, so a cached
+            artifact written without histograms is reused as it is (scanned, not re-written).
 
     Raises:
         ConfigError: tokenizer without a chat template / FIM tokens that the data needs.

@@ -227,6 +227,13 @@ class TrainConfig:
                 fix="use None (batch_size samples per micro batch) or a token budget such as "
                 "16384 (micro batch samples x its longest sample)",
             )
+        if self.max_tokens is not None and self.batch_size == 1:
+            raise ConfigError(
+                f"train.max_tokens={self.max_tokens} has no effect with batch_size=1 (every "
+                "micro batch is one sample already)",
+                fix="set batch_size to the most samples a micro batch may hold (e.g. 16), or "
+                "drop max_tokens",
+            )
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(
                 f"train.deepspeed_config={self.deepspeed_config!r} is not a file",

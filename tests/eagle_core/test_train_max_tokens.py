@@ -225,14 +225,19 @@ def test_resume_position_gives_the_same_remaining_micro_batches():
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True, "512"])
 def test_bad_max_tokens_is_a_config_error_with_a_fix(bad):
     with pytest.raises(ConfigError, match=r"train\.max_tokens") as exc:
-        TrainConfig(target="t", data=("d",), max_tokens=bad)
+        TrainConfig(target="t", data=("d",), batch_size=4, max_tokens=bad)
     assert exc.value.fix
 
 
+def test_max_tokens_with_one_sample_per_micro_batch_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"max_tokens=4096 has no effect with batch_size=1"):
+        TrainConfig(target="t", data=("d",), max_tokens=4096)
+
+
 def test_key_params_gain_max_tokens_only_when_set():
-    cfg = TrainConfig(target="t", data=("d",))
+    cfg = TrainConfig(target="t", data=("d",), batch_size=4)
     assert "max_tokens" not in cfg.key_params()  # existing runs keep their keys
-    assert cfg.key_params()["batch_size"] == 1
+    assert cfg.key_params()["batch_size"] == 4
     budgeted = dataclasses.replace(cfg, max_tokens=4096)
     assert budgeted.key_params() == {**cfg.key_params(), "max_tokens": 4096}
     assert TrainConfig.from_dict(budgeted.to_dict()) == budgeted

@@ -168,10 +168,12 @@ def plain_torch_loop(
     from eagle_core.train_data import ShardDataset, collate, micro_batch_index
 
     assert cfg.steps is not None, "give the run a step count"
+    assert cfg.noise_scale() == 0, "the plain loop adds no feature noise (eagle1: feature_noise=0)"
     inputs = T.resolve_inputs(store, cfg)
     setup = T.build_models(store, cfg, inputs, torch.device("cpu"))
     ds = ShardDataset(None, inputs.data, hidden=True, split="train", seed=cfg.seed)
     plan = T._plan(ds, cfg, 0, 1)
+    assert cfg.steps * cfg.grad_accum <= len(plan), "the plain loop replays epoch 0 only"
     draft = setup.draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=0.0)
