@@ -140,8 +140,9 @@ def main() -> None:
         store, data, budget, label="regenerated data", hidden=regen_hidden
     )
 
-    def n_samples(hidden: list[Any]) -> int:
-        return sum(int(store.manifest(h.stage, h.key).counts.get("samples", 0)) for h in hidden)
+    def n_samples(refs: list[Any]) -> int:  # extract_hidden counts "samples", tokenize "rows"
+        counts = [store.manifest(r.stage, r.key).counts for r in refs]
+        return sum(int(c.get("samples", c.get("rows", 0))) for c in counts)
 
     if earlier is None:
         original = train_and_evaluate(
