@@ -13,7 +13,7 @@ Also measured in the same run, to show the ceiling: the bare Rust encode of the 
 texts, batched (`Tokenizer.encode_batch`) and per sample (`Tokenizer.encode` loop). Both
 sides must encode every token, so t_reference / t_bare_batched_encode bounds the speedup.
 
-Run: .venv/bin/python -m benchmarks.bench_tokenize [--samples 2000] [--num-proc 2]
+Run: .venv/bin/python -m benchmarks.bench_tokenize [--samples 20000] [--num-proc 2]
 (--num-proc N also sets shard_size so the records make N shards, one per worker, and
 writes results/tokenize-num-proc-N.json.)
 """
@@ -40,7 +40,7 @@ from storage import ArtifactStore
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=20_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-proc", type=int, default=1)
     args = ap.parse_args()
