@@ -251,7 +251,8 @@ class TrainParams(_Section):
     max_tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget per micro batch: samples x longest (empty: batch size samples)",
+        description="Token budget per micro batch, samples x longest (needs batch size > 1: "
+        "its sample cap)",
     )
     epochs: int = Field(1, ge=1, description="Passes over the data (when steps is empty)")
     steps: int | None = Field(None, ge=1, description="Optimizer steps (empty: epochs x data)")
