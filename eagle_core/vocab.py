@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from eagle_core.errors import ConfigError, DataError, ModelMismatchError
 from storage import ArtifactStore, StageRef
 from storage.errors import ArtifactError
-from storage.shards import ParquetFooter, iter_flat_lists, read_footer
+from storage.shards import ParquetFooter, flatten_lists, iter_flat_lists, read_footer
 
 log = logging.getLogger(__name__)
 
@@ -313,27 +313,11 @@ def masked_counts_footer(table: pa.Table) -> dict[str, str]:
     are read zero-copy; one bincount.
 
     Raises:
-        DataError: input_ids and loss_mask are not row-aligned.
+        ArtifactError: input_ids and loss_mask are not row-aligned list columns.
     """
-    flat: dict[str, np.ndarray] = {}
-    offsets: dict[str, np.ndarray] = {}
-    for c in ("input_ids", "loss_mask"):
-        col = table.column(c)
-        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-        offs = arr.offsets.to_numpy().astype(np.int64, copy=False)
-        flat[c] = arr.values.slice(int(offs[0]), int(offs[-1] - offs[0])).to_numpy(
-            zero_copy_only=False
-        )
-        offsets[c] = offs - offs[0]
-    if not np.array_equal(offsets["input_ids"], offsets["loss_mask"]):
-        raise DataError(
-            "tokenize: input_ids and loss_mask rows differ in length",
-            fix="this is a bug in the tokenize stage: report it",
-        )
-    ids, counts = masked_histogram(flat["input_ids"], flat["loss_mask"])
-    value = encode_masked_counts(
-        ids, counts, rows=table.num_rows, levels=list_levels(offsets["input_ids"])
-    )
+    part = flatten_lists(table, ["input_ids", "loss_mask"], "", 0, "tokenize table")
+    ids, counts = masked_histogram(part.values["input_ids"], part.values["loss_mask"])
+    value = encode_masked_counts(ids, counts, rows=table.num_rows, levels=list_levels(part.offsets))
     return {MASKED_COUNTS_KEY: value}
 
 

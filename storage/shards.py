@@ -405,10 +405,19 @@ def _flat_parts(
                 )
             for rg in range(pf.metadata.num_row_groups):
                 table = pf.read_row_group(rg, columns=columns, use_threads=True)
-                yield _flatten(table, columns, name, rg, where)
+                yield flatten_lists(table, columns, name, rg, where)
 
 
-def _flatten(table: pa.Table, columns: list[str], name: str, rg: int, where: str) -> FlatLists:
+def flatten_lists(
+    table: pa.Table, columns: Sequence[str], name: str, rg: int, where: str
+) -> FlatLists:
+    """Row-aligned list columns of an in-memory table (one row group of shard `name`) as
+    flat numpy, zero-copy where Arrow allows.
+
+    Raises:
+        ArtifactError: a column is not a list column, holds nulls, or its rows have other
+            lengths than the first column's (`where` names the table in the message).
+    """
     offsets: np.ndarray | None = None
     values: dict[str, np.ndarray] = {}
     for c in columns:
