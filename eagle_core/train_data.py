@@ -58,6 +58,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -324,19 +325,11 @@ def plan_epoch(
             max_tokens=max_tokens,
         )
     step_samples = micro_batch_size * world_size * grad_accum
-    pad = (-len(order)) % step_samples
-    while pad:  # a tiny data set may need more than one pass of repeats
-        take = order[: min(pad, len(order))]
-        order.extend(take)
-        pad -= len(take)
+    _pad_with_head(order, step_samples)
     window = step_samples * max(group_steps, 1)
     plan: list[list[int]] = []
     for start in range(0, len(order), window):
-        chunk = np.asarray(order[start : start + window])
-        chunk = chunk[rng.permutation(len(chunk))]
-        if group_steps > 1:
-            lens = np.asarray([lengths[i] for i in chunk])
-            chunk = chunk[np.argsort(-lens, kind="stable")]
+        chunk = _mix_window(np.asarray(order[start : start + window]), lengths, rng, group_steps)
         steps = [chunk[s : s + step_samples] for s in range(0, len(chunk), step_samples)]
         for s in rng.permutation(len(steps)):
             step = steps[int(s)]
@@ -398,10 +391,7 @@ def _plan_token_budget(
     while pos < len(order) or carry:
         chunk = np.asarray(carry + order[pos : pos + window], dtype=np.int64)
         pos += window
-        chunk = chunk[rng.permutation(len(chunk))]
-        if group_steps > 1:
-            lens = np.asarray([lengths[i] for i in chunk])
-            chunk = chunk[np.argsort(-lens, kind="stable")]
+        chunk = _mix_window(chunk, lengths, rng, group_steps)
         micro = cut_micro_batches(chunk.tolist(), lengths, micro_batch_size, max_tokens)
         whole = len(micro) // step_micro * step_micro
         last = pos >= len(order)
@@ -412,12 +402,28 @@ def _plan_token_budget(
         if last:
             plan.extend(micro[whole:])
             carry = []
-    pad = (-len(plan)) % step_micro
-    while pad:  # a tiny data set may need more than one pass of repeats
-        take = plan[: min(pad, len(plan))]
-        plan.extend([list(mb) for mb in take])
-        pad -= len(take)
+    _pad_with_head(plan, step_micro)
     return plan
+
+
+def _mix_window(
+    chunk: np.ndarray, lengths: Sequence[int], rng: np.random.Generator, group_steps: int
+) -> np.ndarray:
+    """One window of dataset indices shuffled, then (length grouping on) sorted longest first."""
+    chunk = chunk[rng.permutation(len(chunk))]
+    if group_steps > 1:
+        lens = np.asarray([lengths[i] for i in chunk])
+        chunk = chunk[np.argsort(-lens, kind="stable")]
+    return chunk
+
+
+def _pad_with_head(items: list[Any], multiple: int) -> None:
+    """Extend `items` to a multiple of `multiple` by repeating its first items (in place)."""
+    pad = (-len(items)) % multiple
+    while pad:  # a tiny data set may need more than one pass of repeats
+        take = items[: min(pad, len(items))]
+        items.extend(take)
+        pad -= len(take)
 
 
 def micro_batch_index(step_in_epoch: int, accum: int, rank: int, world: int, grad_accum: int):
