@@ -226,36 +226,33 @@ def flatten_ids(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, bounds
 
 
-def ranges_to_mask(total: int, starts: Sequence[int], stops: Sequence[int]) -> np.ndarray:
-    """mask [total] int8: 1 on the union of the half-open ranges [starts[i], stops[i]),
-    empty ranges ignored (a difference array: no per-token Python)."""
-    a = np.asarray(starts, dtype=np.int64)
-    b = np.asarray(stops, dtype=np.int64)
-    keep = b > a
-    diff = np.zeros(total + 1, dtype=np.int32)
-    np.add.at(diff, a[keep], 1)
-    np.add.at(diff, b[keep], -1)
-    return (np.cumsum(diff[:total]) > 0).astype(np.int8)
+def generation_token_mask(
+    offsets: Sequence[tuple[int, int]], gen_spans: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """mask [T] int8: 1 on every token whose char range overlaps a `{% generation %}` span,
+    the rule of transformers >= 5.24 `apply_chat_template(..., return_assistant_tokens_mask=True)`
+    (and of its ProcessorMixin): token (s, e) is masked when s < b and e > a for a span
+    [a, b). A zero-width token (whitespace the offsets trim) at p is masked when a < p < b.
 
+    transformers <= 5.23 marked instead the tokens from the one holding a span's first char
+    through the one holding its last, and STOPPED at a span whose first char has no token
+    (an answer starting with a newline or space under a byte-level tokenizer with trimmed
+    offsets): every later answer of the conversation lost its mask. We follow the overlap
+    rule on every transformers version; the tests pin it against both.
 
-def generation_ranges(encoding: Any, gen_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Token ranges [a, b) of `{% generation %}` char spans, exactly as transformers'
-    `apply_chat_template(..., return_assistant_tokens_mask=True)` marks them: from the token
-    holding the span's first char through the token holding its last char (to the end of the
-    sequence if that char has no token, or is in token 0); a span whose first char has no
-    token (e.g. a leading space the offsets trim) stops the scan there, later spans included.
-
-    encoding: a `tokenizers.Encoding` (offsets in chars of the rendered text).
+    offsets: [T] (start, end) char offsets of the rendered text (in order); gen_spans: the
+    spans in render order.
     """
-    out: list[tuple[int, int]] = []
-    n = len(encoding)
-    for s, e in gen_spans:
-        first = encoding.char_to_token(s)
-        if first is None:
-            break
-        last = encoding.char_to_token(e - 1) if e >= 1 else None
-        out.append((first, last + 1 if last else n))
-    return out
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # [T, 2]
+    mask = np.zeros(len(off), dtype=np.int8)
+    if not len(gen_spans) or not len(off):
+        return mask
+    spans = np.asarray(gen_spans, dtype=np.int64).reshape(-1, 2)  # [S, 2]
+    # the first span ending after each token's start, as transformers' single pass finds it
+    first = np.searchsorted(spans[:, 1], off[:, 0], side="right")  # [T]
+    has = first < len(spans)
+    mask[has] = off[has, 1] > spans[first[has], 0]
+    return mask
 
 
 def keep_last_run(mask: list[int]) -> list[int]:
@@ -380,14 +377,9 @@ def tokenize_chat_batch(
     flat, bounds = flatten_ids([e.ids for e in encs])
     missing = [0] * len(encs)
     if generation:
-        starts: list[int] = []
-        stops: list[int] = []
+        mask = np.zeros(len(flat), dtype=np.int8)
         for k, (enc, (_, spans)) in enumerate(zip(encs, where, strict=True)):
-            base = int(bounds[k])
-            for a, b in generation_ranges(enc, spans):
-                starts.append(base + a)
-                stops.append(base + b)
-        mask = ranges_to_mask(len(flat), starts, stops)
+            mask[bounds[k] : bounds[k + 1]] = generation_token_mask(enc.offsets, spans)
         if last_turn_only:
             for k in range(len(encs)):
                 keep_last_run_inplace(mask[bounds[k] : bounds[k + 1]])
@@ -484,8 +476,9 @@ def reference_generation_masks(
 ) -> list[ChatSample | Rejected]:
     """transformers' own assistant masks (`apply_chat_template(..., tokenize=True,
     return_assistant_tokens_mask=True)`, one batched call; per conversation only if one
-    makes the template raise). The slow path, and the reference the fast one is tested
-    against."""
+    makes the template raise). The slow path (a tokenizer without offsets), and on
+    transformers >= 5.24 a reference the fast one is tested against; older versions mark
+    fewer tokens (see `generation_token_mask`)."""
 
     def call(convs: list[list[dict[str, str]]]) -> list[ChatSample]:
         out = tokenizer.apply_chat_template(

@@ -56,10 +56,11 @@ from storage.shards import iter_batches, write_parquet
 
 log = logging.getLogger(__name__)
 
-# stays "1" although shard footers now hold the masked-token histogram: the rows are the
-# same, scan_vocab scans shards without one, and a bump would recompute every stage after
-# tokenize (hidden-state extraction included) in every existing store
-CODE_VERSION = "1"
+# 2: generation-block masks mark every token overlapping a block (transformers >= 5.24's
+# rule; 1 followed transformers <= 5.23, which dropped the answers after one starting with
+# trimmed whitespace): the rows change, so cached shards of "1" must not be served.
+# (Shard footers holding the masked-token histogram did not bump it: same rows.)
+CODE_VERSION = "2"
 STAGE = "tokenize"
 Format = Literal["auto", "chat", "fim", "tokens"]
 

@@ -1,9 +1,15 @@
 """The fast (flat, numpy) chat / FIM paths equal the reference computations exactly.
 
-Reference = transformers' own `apply_chat_template(..., tokenize=True,
-return_assistant_tokens_mask=True)` per conversation (what the per-sample loop of the
-reference trainers computes), the list-based helpers (`keep_last_run`, `build_fim_sample`),
-and plain Python loops.
+Reference = a plain per-conversation Python loop of the assistant-mask rule (every token
+overlapping a `{% generation %}` span), transformers' own `apply_chat_template(...,
+tokenize=True, return_assistant_tokens_mask=True)` where it implements that rule
+(transformers >= 5.24; what the per-sample loop of the reference trainers computes), the
+list-based helpers (`keep_last_run`, `build_fim_sample`), and plain Python loops.
+
+transformers <= 5.23 computed a different mask (from the token of a span's first char to the
+token of its last, stopping at a span whose first char has no token); the fast path follows
+the overlap rule on every version, so the tests that name transformers run only where it
+agrees (the lock installs such a version; `make lock` checks the newest).
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ import random
 
 import numpy as np
 import pytest
+import transformers
+from packaging.version import Version
 from transformers import AutoTokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from eagle_core.chat import (
     ChatSample,
     flatten_ids,
     keep_last_run,
     keep_last_run_inplace,
-    ranges_to_mask,
+    generation_token_mask,
     reference_generation_masks,
     resolve_chat_template,
     template_messages,
@@ -102,7 +111,34 @@ def gen_tok(bpe_tokenizer_factory):
     return AutoTokenizer.from_pretrained(bpe_tokenizer_factory("starcoder", "chatml_generation"))
 
 
+# transformers' own assistant mask is the overlap rule from 5.24 on (see module docstring)
+TRANSFORMERS_OVERLAP_RULE = Version(transformers.__version__) >= Version("5.24.0")
+needs_overlap_rule = pytest.mark.skipif(
+    not TRANSFORMERS_OVERLAP_RULE,
+    reason=f"transformers {transformers.__version__} < 5.24 marks assistant tokens by another "
+    "rule; the plain-loop reference covers this version",
+)
+
+
 def per_sample_reference(tok, conv, template, keep_reasoning=True) -> ChatSample:
+    """One conversation, the slow obvious way: transformers renders it (its own Jinja and
+    generation spans), the tokenizer encodes the text with offsets, and a Python loop marks
+    every token that overlaps a span."""
+    special = dict(tok.special_tokens_map)
+    texts, spans = render_jinja_template(
+        conversations=[template_messages(conv, keep_reasoning)],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        **special,
+    )
+    enc = tok(texts[0], add_special_tokens=False, return_offsets_mapping=True)
+    mask = [
+        int(any(s < b and e > a for a, b in spans[0])) for s, e in enc["offset_mapping"]
+    ]
+    return ChatSample(list(enc["input_ids"]), mask)
+
+
+def transformers_reference(tok, conv, template, keep_reasoning=True) -> ChatSample:
     out = tok.apply_chat_template(
         template_messages(conv, keep_reasoning),
         chat_template=template,
@@ -115,6 +151,21 @@ def per_sample_reference(tok, conv, template, keep_reasoning=True) -> ChatSample
 
 @pytest.mark.parametrize("name", sorted(GEN_TEMPLATES))
 @pytest.mark.parametrize("keep_reasoning", [True, False])
+def test_fast_generation_masks_equal_plain_loop(gen_tok, name, keep_reasoning):
+    template = GEN_TEMPLATES[name] or resolve_chat_template(gen_tok)
+    convs = varied_chats(60)
+    fast = tokenize_chat_batch(
+        gen_tok, convs, template=template, mask_mode="generation", keep_reasoning=keep_reasoning
+    ).results()
+    for conv, got in zip(convs, fast, strict=True):
+        assert got == per_sample_reference(gen_tok, conv, template, keep_reasoning)
+    masked = sum(sum(s.loss_mask) for s in fast)
+    assert 0 < masked < sum(len(s.input_ids) for s in fast)
+
+
+@pytest.mark.parametrize("name", sorted(GEN_TEMPLATES))
+@pytest.mark.parametrize("keep_reasoning", [True, False])
+@needs_overlap_rule
 def test_fast_generation_masks_equal_transformers(gen_tok, name, keep_reasoning):
     template = GEN_TEMPLATES[name] or resolve_chat_template(gen_tok)
     convs = varied_chats(60)
@@ -126,13 +177,12 @@ def test_fast_generation_masks_equal_transformers(gen_tok, name, keep_reasoning)
     )
     assert fast == batched_ref
     for conv, got in zip(convs, fast, strict=True):
-        assert got == per_sample_reference(gen_tok, conv, template, keep_reasoning)
-    masked = sum(sum(s.loss_mask) for s in fast)
-    assert 0 < masked < sum(len(s.input_ids) for s in fast)
+        assert got == transformers_reference(gen_tok, conv, template, keep_reasoning)
 
 
-def test_leading_whitespace_span_stops_the_mask_like_transformers(gen_tok):
-    # a block starting with a trimmed-offset char ends the scan: later answers stay 0 too
+def test_leading_whitespace_span_keeps_every_answer_masked(gen_tok):
+    # a block starting with a trimmed-offset char (the newline) masked nothing from there on
+    # under transformers <= 5.23; every answer's tokens are masked now
     template = GEN_TEMPLATES["leading_newline"]
     conv = [
         {"role": "user", "content": "hi"},
@@ -144,6 +194,10 @@ def test_leading_whitespace_span_stops_the_mask_like_transformers(gen_tok):
         gen_tok, [conv], template=template, mask_mode="generation"
     ).results()[0]
     assert fast == per_sample_reference(gen_tok, conv, template)
+    masked = gen_tok.decode([t for t, m in zip(fast.input_ids, fast.loss_mask) if m])
+    assert "def add(a, b):" in masked and "return x" in masked
+    if TRANSFORMERS_OVERLAP_RULE:
+        assert fast == transformers_reference(gen_tok, conv, template)
 
 
 def test_last_turn_only_equals_reference_then_keep_last_run(gen_tok):
@@ -227,18 +281,18 @@ def test_stage_output_equals_per_sample_reference_truncated(tmp_path, gen_tok, m
     assert ref.counts["rejected"] == len(convs) - kept
 
 
-def test_ranges_to_mask_and_keep_last_run_match_python_loops():
+def test_generation_token_mask_and_keep_last_run_match_python_loops():
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        total = int(rng.integers(0, 60))
-        k = int(rng.integers(0, 6))
-        starts = rng.integers(0, total + 1, k).tolist()
-        stops = rng.integers(0, total + 1, k).tolist()
-        want = [0] * total
-        for a, b in zip(starts, stops, strict=True):
-            for j in range(a, b):
-                want[j] = 1
-        got = ranges_to_mask(total, starts, stops)
+    for _ in range(300):
+        # ordered token offsets with zero-width tokens, ordered spans (some empty)
+        cuts = np.sort(rng.integers(0, 80, int(rng.integers(0, 40)))).tolist()
+        offsets = [
+            (a, a if rng.random() < 0.2 else b) for a, b in zip(cuts, cuts[1:], strict=False)
+        ]
+        marks = np.sort(rng.integers(0, 80, 2 * int(rng.integers(0, 5)))).tolist()
+        spans = list(zip(marks[::2], marks[1::2], strict=True))
+        want = [int(any(s < b and e > a for a, b in spans)) for s, e in offsets]
+        got = generation_token_mask(offsets, spans)
         assert got.dtype == np.int8 and got.tolist() == want
         m = got.copy()
         keep_last_run_inplace(m)
