@@ -27,9 +27,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from eagle_core.chat import (
     ChatSample,
     flatten_ids,
+    generation_token_mask,
     keep_last_run,
     keep_last_run_inplace,
-    generation_token_mask,
     reference_generation_masks,
     resolve_chat_template,
     template_messages,
@@ -132,9 +132,7 @@ def per_sample_reference(tok, conv, template, keep_reasoning=True) -> ChatSample
         **special,
     )
     enc = tok(texts[0], add_special_tokens=False, return_offsets_mapping=True)
-    mask = [
-        int(any(s < b and e > a for a, b in spans[0])) for s, e in enc["offset_mapping"]
-    ]
+    mask = [int(any(s < b and e > a for a, b in spans[0])) for s, e in enc["offset_mapping"]]
     return ChatSample(list(enc["input_ids"]), mask)
 
 
@@ -194,7 +192,7 @@ def test_leading_whitespace_span_keeps_every_answer_masked(gen_tok):
         gen_tok, [conv], template=template, mask_mode="generation"
     ).results()[0]
     assert fast == per_sample_reference(gen_tok, conv, template)
-    masked = gen_tok.decode([t for t, m in zip(fast.input_ids, fast.loss_mask) if m])
+    masked = gen_tok.decode([t for t, m in zip(fast.input_ids, fast.loss_mask, strict=True) if m])
     assert "def add(a, b):" in masked and "return x" in masked
     if TRANSFORMERS_OVERLAP_RULE:
         assert fast == transformers_reference(gen_tok, conv, template)
