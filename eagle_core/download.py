@@ -51,6 +51,7 @@ from eagle_core.records import (
     records_table,
 )
 from storage import ArtifactStore, StageRef
+from storage.fingerprint import describe_all, files_fingerprint, hub_fingerprint
 from storage.shards import write_parquet
 from storage.urls import ENV_S3_ENDPOINT, fs_options, redact_url
 
@@ -336,6 +337,33 @@ def iter_source(
         yield from _dataset_rows(spec, stype, streaming)
 
 
+def source_fingerprint(
+    spec: SourceSpec, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a source holds now (storage.fingerprint): its files' sizes, mtimes and hashes
+    (objects: ETag / version), or the Hub commit its revision points at. Part of the key."""
+    stype = source_type(spec.path)
+    if (
+        stype == "hub"
+        and not os.path.exists(spec.path)
+        and (spec.path.startswith(("/", "./", "../", "~")) or _is_data_file(spec.path))
+    ):
+        # a local file that is not there (any more): not a Hub name
+        raise DataError(
+            f"source {redact_url(spec.path)!r} matches no files",
+            fix="check the path / glob (a Hub dataset is named org/name)",
+        )
+    if stype == "files":
+        opts = fs_options(spec.path, storage_options)
+        fp = files_fingerprint(spec.path, expand_files(spec.path, opts), opts)
+    elif os.path.isdir(spec.path):  # a dataset dir (Hub layout or save_to_disk)
+        fp = files_fingerprint(os.path.abspath(spec.path))
+    else:
+        fp = hub_fingerprint(spec.path, "dataset", spec.revision)
+    fp["source"] = spec.name  # how logs and diffs name it (the label, redacted path)
+    return fp
+
+
 # ---- the stage ----------------------------------------------------------------------------
 
 
@@ -431,10 +459,21 @@ def download(
     Raises:
         DataError: more than `max_reject_fraction` rows rejected, or no record left.
     """
-    key = store.key(STAGE, cfg, code=CODE_VERSION)
+    try:
+        fingerprints = {"sources": [source_fingerprint(s, storage_options) for s in cfg.sources]}
+    except DataError as exc:
+        # a source is gone (a scratch file deleted after its download): the last download of
+        # these sources is all that is left of them, so a rerun keeps using it
+        prior = None if force else store.latest_key(STAGE, cfg, code=CODE_VERSION)
+        if prior is None:
+            raise
+        log.warning("download %s: %s; reusing the last download of these sources", prior, exc.what)
+        return store.ref(STAGE, prior)
+    key = store.key(STAGE, cfg, code=CODE_VERSION, fingerprints=fingerprints)
     if store.is_done(STAGE, key) and not force:
         log.info("download %s: cached", key)
         return store.ref(STAGE, key)
+    previous = store.previous(STAGE, key)  # same sources by name, other content
     log.info("download %s: %d source(s)", key, len(cfg.sources))
     run = _Run(cfg, FileSplitter(mode=cfg.fim_split, seed=cfg.fim_seed))
     if is_streamable(cfg):
@@ -475,6 +514,17 @@ def download(
             fim_split=cfg.fim_split,
             streamed=is_streamable(cfg),
         )
+        if previous is not None and w.meta.get("recompute_reason"):
+            # now the new row counts are known: say them next to the size / mtime change
+            old_sources = previous.meta.get("sources") or {}
+            rows = {
+                name: ((old_sources.get(name) or {}).get("read"), n.get("read"))
+                for name, n in run.per_source.items()
+            }
+            reason = describe_all(previous.meta.get("fingerprints"), fingerprints, rows=rows)
+            if reason:
+                w.meta["recompute_reason"] = reason
+                log.info("download %s: %s", key, reason)
     log.info(
         "download %s: %d records (%d read, %d rejected %s)",
         key,

@@ -687,12 +687,21 @@ def evaluate(
 
     extra = [dataclasses.asdict(p) for p in prompts] if prompts is not None else None
     params: Any = cfg if extra is None else {"cfg": cfg, "prompts": extra}
+    from storage.fingerprint import model_fingerprint
+
     inputs = [export_ref] if train_ref is None else [export_ref, train_ref]
-    key = store.key(STAGE, params, inputs=inputs, code=CODE_VERSION)
+    export_manifest = store.manifest(export_ref.stage, export_ref.key)
+    target_ref = cfg.target or str(export_manifest.meta.get("target") or "")
+    # the target as it is now decides tau: evaluating on a target updated in place re-runs
+    fingerprints: dict[str, Any] | None = None
+    if target_ref:
+        fingerprints = {"target": model_fingerprint(target_ref)}
+        if cfg.tokenizer and cfg.tokenizer != target_ref:
+            fingerprints["tokenizer"] = model_fingerprint(cfg.tokenizer, part="tokenizer")
+    key = store.key(STAGE, params, inputs=inputs, code=CODE_VERSION, fingerprints=fingerprints)
     if store.is_done(STAGE, key) and not force:
         log.info("evaluate %s: cached", key)
         return store.ref(STAGE, key)
-    export_manifest = store.manifest(export_ref.stage, export_ref.key)
     if train_ref is not None:
         made_from = [i.get("key") for i in export_manifest.inputs if i.get("stage") == "train"]
         if made_from and train_ref.key not in made_from:
@@ -753,6 +762,10 @@ def evaluate(
                 mode=cfg.mode,
                 target=target_name,
             )
+            # provenance for promotion: the training data the draft was made from (the
+            # target's fingerprint, as evaluated, is added by the store)
+            lineage = store.lineage_fingerprints([export_ref])
+            w.meta["fingerprints"] = {"sources": lineage["sources"]}
     log.info(
         "evaluate %s: τ=%s, lossless %s/%s",
         key,

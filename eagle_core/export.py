@@ -46,6 +46,10 @@ from storage import ArtifactStore, StageRef
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
+# speculators 2: verifier.name_or_path is the target's model dir (an artifact root has no
+# config.json, so engines and speculators could not load the verifier from it). Per layout,
+# so the eagle3 / eagle1 exports (and the evaluations built on them) keep their keys.
+_CODE_VERSIONS = {"eagle3": CODE_VERSION, "eagle1": CODE_VERSION, "speculators": "2"}
 STAGE = "export"
 FORMAT_VERSION = 1  # of the `eagle_pipeline` block we add to config.json (our own loader reads it)
 
@@ -69,6 +73,11 @@ class ExportConfig:
         format: serving layout; "eagle3" is what SGLang and vLLM load as EAGLE-3 drafts.
         dtype: weight dtype; d2t stays int64 and t2d bool whatever is chosen.
         include_embeddings: also write `embed_tokens.weight` [V, H] (a copy of the target's).
+            None (default) means per layout: yes for speculators (speculators' own
+            `SpeculatorModel.from_pretrained` has no other source for them; vLLM skips or
+            shares them), no for eagle3 / eagle1 (SGLang and vLLM take the target's). Resolved
+            to a bool on construction, so `dataclasses.replace(cfg, format=...)` keeps the
+            resolved value: pass include_embeddings=None again to re-resolve.
         target: the target model reference (Hub name or path); written as the verifier name
             and into the model card, and used to load the target config for `eagle1`.
         checkpoint: "final" (the trained weights in `final/`), or a DeepSpeed tag
@@ -80,7 +89,7 @@ class ExportConfig:
 
     format: Literal["eagle3", "speculators", "eagle1"] = "eagle3"  # the layout engines load
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # serving dtype of EAGLE drafts
-    include_embeddings: bool = False  # engines reuse the target's; a copy only costs V*H
+    include_embeddings: bool | None = None  # None: per layout (speculators only; V*H copy)
     target: str = ""  # the verifier; "" = taken from the training run's manifest
     checkpoint: str = "final"  # the finished run; a step tag exports an intermediate one
     speculative_tokens: int = 5  # chain length of the EAGLE-3 chain decoding reference numbers
@@ -92,6 +101,8 @@ class ExportConfig:
                 f"export.format={self.format!r} is not one of eagle3, speculators, eagle1",
                 fix="use eagle3 (SGLang/vLLM), speculators (vLLM Eagle3Speculator) or eagle1",
             )
+        if self.include_embeddings is None:  # a bool in the key: eagle3/eagle1 keys unchanged
+            object.__setattr__(self, "include_embeddings", self.format == "speculators")
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"export.dtype={self.dtype!r} is not one of {sorted(_DTYPES)}",
@@ -268,7 +279,10 @@ def build_config(
                     }
                 ],
                 "default_proposal_method": "greedy",
-                "verifier": {"name_or_path": target, "architectures": verifier_arch},
+                "verifier": {
+                    "name_or_path": verifier_path(target),
+                    "architectures": verifier_arch,
+                },
             },
             "transformer_layer_config": layer_cfg,
             "draft_vocab_size": d["draft_vocab_size"],
@@ -306,6 +320,35 @@ def build_config(
             out.pop(k, None)
     out["eagle_pipeline"] = _our_block(d, cfg.format, target)
     return out
+
+
+def verifier_path(target: str) -> str:
+    """The verifier reference written into a speculators config: the target's MODEL
+    directory (the one holding config.json), which vLLM (`LLM(model=<export>)`) and
+    speculators' `SpeculatorModel.from_pretrained` load the verifier from.
+
+    A demo-target artifact URL or artifact dir becomes its absolute `model/` path (a remote
+    store's artifact: `<url>/model`, which the engine's machine must copy locally); a local
+    model dir becomes absolute; a Hub name stays as it is. A target that does not resolve
+    (not built yet, a path from another machine) is written unchanged, with a warning.
+    """
+    from eagle_core.models import is_artifact_url, resolve_model_dir
+
+    if not target:
+        return target
+    try:
+        if is_artifact_url(target):
+            store, _, _ = ArtifactStore.for_url(target.rstrip("/"))
+            if not store.is_local:
+                return target.rstrip("/") + "/model"
+        return resolve_model_dir(target, sub="model")
+    except (ConfigError, ArtifactError) as exc:
+        log.warning(
+            "export: verifier %s does not resolve to a model dir here (%s); written as given",
+            target,
+            exc,
+        )
+        return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +582,7 @@ def export(
         ArtifactError: the training run is incomplete.
         ModelMismatchError: checkpoint tensors disagree with the draft config.
     """
-    key = store.key(STAGE, cfg, inputs=[train_ref], code=CODE_VERSION)
+    key = store.key(STAGE, cfg, inputs=[train_ref], code=_CODE_VERSIONS[cfg.format])
     if store.is_done(STAGE, key) and not force:
         log.info("export %s: cached", key)
         return store.ref(STAGE, key)
@@ -594,6 +637,9 @@ def export(
                 aux_layer_ids=list(draft_cfg.get("aux_layer_ids", [])),
                 draft_vocab_size=draft_cfg.get("draft_vocab_size"),
                 sha256=digests,
+                # provenance: the target and data the draft was trained from (upstream
+                # manifests); not in the key, the train key already holds them
+                fingerprints=store.lineage_fingerprints([train_ref]),
             )
     return store.ref(STAGE, key)
 

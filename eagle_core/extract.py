@@ -48,6 +48,7 @@ from eagle_core.errors import ConfigError, DataError, ModelMismatchError
 from eagle_core.models import config_hash, load_target
 from storage import ArtifactStore, StageRef
 from storage.errors import ArtifactError
+from storage.fingerprint import model_fingerprint
 from storage.shards import (
     batch_tensors,
     build_table,
@@ -249,7 +250,10 @@ def extract_hidden(
         ModelMismatchError: token ids outside the target's vocab (another tokenizer).
         DataError: no usable sample.
     """
-    key = store.key(STAGE, cfg, inputs=[tokens], code=CODE_VERSION)
+    # the target's weights, configs and tokenizer files as they are now: a target updated in
+    # place (same path) gets a new key
+    fingerprints = {"target": model_fingerprint(cfg.target)}
+    key = store.key(STAGE, cfg, inputs=[tokens], code=CODE_VERSION, fingerprints=fingerprints)
     if store.is_done(STAGE, key) and not force:
         log.info("extract_hidden %s: cached", key)
         return store.ref(STAGE, key)

@@ -582,6 +582,12 @@ def tokenize(
         w.meta.update(
             tokenizer=cfg.tokenizer,
             tokenizer_hash=thash,
+            # the key already follows the tokenizer's content (tokenizer_hash: vocab, merges,
+            # template, specials), never the target's weights: a weights-only update of the
+            # target keeps every tokenize key
+            fingerprints={
+                "tokenizer": {"kind": "tokenizer", "ref": cfg.tokenizer, "digest": thash}
+            },
             vocab_size=len(base.tok),
             format=cfg.format,
             max_length=cfg.max_length,

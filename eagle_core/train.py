@@ -272,6 +272,10 @@ class TrainConfig:
             d["feature_noise"] = self.noise_scale()
         if self.max_tokens is None:  # runs without a token budget keep their keys
             d.pop("max_tokens")
+        if self.ttt_alignment == "reference":
+            # 2: the reference trainers' forward (RoPE t+k, causal) and B·T averaging; runs
+            # of the old shifted-mask "reference" retrain, aligned runs keep their keys
+            d["ttt_reference_version"] = 2
         return d
 
     def noise_scale(self) -> float:
@@ -502,8 +506,19 @@ def resolve_inputs(store: ArtifactStore, cfg: TrainConfig) -> TrainInputs:
 
 
 def train_key(store: ArtifactStore, cfg: TrainConfig, inputs: TrainInputs | None = None) -> str:
+    """Parameters, input artifacts, code, and the target's fingerprint: both modes read the
+    target (online: in every step; offline: its lm_head and embeddings), so a target updated
+    in place retrains."""
+    from storage.fingerprint import model_fingerprint
+
     inputs = inputs or resolve_inputs(store, cfg)
-    return store.key(STAGE, cfg.key_params(), inputs=inputs.all(), code=CODE_VERSION)
+    return store.key(
+        STAGE,
+        cfg.key_params(),
+        inputs=inputs.all(),
+        code=CODE_VERSION,
+        fingerprints={"target": model_fingerprint(cfg.target)},
+    )
 
 
 def run_directory(store: ArtifactStore, key: str) -> str:

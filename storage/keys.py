@@ -58,8 +58,15 @@ def _is_ref(value: Any) -> bool:
     return all(hasattr(value, a) for a in ("stage", "key", "url")) and not isinstance(value, type)
 
 
-def content_key(stage: str, params: Any, inputs: Iterable[Any] = (), code: str = "1") -> str:
-    """Hash of the stage name, its parameters, the keys of its inputs and its code version.
+def content_key(
+    stage: str,
+    params: Any,
+    inputs: Iterable[Any] = (),
+    code: str = "1",
+    fingerprints: Mapping[str, Any] | None = None,
+) -> str:
+    """Hash of the stage name, its parameters, the keys of its inputs and its code version
+    (and the fingerprints of the external inputs it reads).
 
     Args:
         stage: stage name (part of the key: two stages with equal parameters differ).
@@ -67,6 +74,9 @@ def content_key(stage: str, params: Any, inputs: Iterable[Any] = (), code: str =
         inputs: StageRefs of the artifacts read (their stage and key count, not their URL),
             or plain strings such as a model name.
         code: the stage's CODE_VERSION; bump it when the stage's output changes.
+        fingerprints: digests of the external inputs the stage reads itself (source files,
+            Hub commits, target weights: `storage.fingerprint.digests`); empty or None
+            leaves the key as it was without them.
 
     Returns:
         KEY_LENGTH lowercase hex characters.
@@ -77,5 +87,7 @@ def content_key(stage: str, params: Any, inputs: Iterable[Any] = (), code: str =
         "inputs": [canonical(i) if not isinstance(i, str) else i for i in inputs],
         "code": code,
     }
+    if fingerprints:
+        doc["fingerprints"] = canonical(fingerprints)
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]

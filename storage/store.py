@@ -41,6 +41,7 @@ from typing import IO, Any
 import fsspec
 
 from storage.errors import ArtifactError, StoreError
+from storage.fingerprint import describe_all, digests
 from storage.keys import canonical, content_key
 from storage.urls import (
     ENV_S3_ENDPOINT,
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 JOURNAL_DIR = "_journal"
+# `<root>/<stage>/_latest/<identity>.json`: the last key published for a stage's name-based
+# identity (its key without fingerprints) and its fingerprints, so that a new key can say
+# which input changed. Never a key itself (keys are hex), never read for caching.
+LATEST_DIR = "_latest"
 ENV_ROOT = "EAGLE_PIPELINE_STORE"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _HASH_CHUNK = 1 << 20
@@ -198,10 +203,104 @@ class ArtifactStore:
         self.root_path = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.root = self.root_path if self.is_local else self.fs.unstrip_protocol(self.root_path)
         self.storage_options = opts
+        # (stage, key) -> (identity, fingerprints) of the keys this store computed: publish()
+        # records them in the manifest and explains a recompute with them
+        self._fingerprints: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
     # ---- addressing --------------------------------------------------------------------
-    def key(self, stage: str, params: Any, inputs: list[Any] | tuple = (), code: str = "1") -> str:
-        return content_key(stage, params, inputs, code)
+    def key(
+        self,
+        stage: str,
+        params: Any,
+        inputs: list[Any] | tuple = (),
+        code: str = "1",
+        fingerprints: dict[str, Any] | None = None,
+    ) -> str:
+        """The content key (`storage.keys.content_key`).
+
+        Args:
+            fingerprints: {name: fingerprint | [fingerprints]} of the external inputs this
+                stage reads itself (`storage.fingerprint`; e.g. {"sources": [...]} or
+                {"target": {...}}). Their digests go into the key; a later `publish` of this
+                key writes them to `meta["fingerprints"]` and, when the key is new for the
+                stage's name-based identity, logs which input changed (`recompute_reason`).
+        """
+        key = content_key(stage, params, inputs, code, digests(fingerprints))
+        if fingerprints:
+            identity = content_key(stage, params, inputs, code)
+            self._fingerprints[(stage, key)] = (identity, dict(fingerprints))
+        return key
+
+    def recompute_reason(self, stage: str, key: str) -> str | None:
+        """Why `key` (computed by this store with fingerprints) is being computed: which
+        fingerprint differs from the last artifact published for the same name-based
+        identity (same parameters, inputs and code). None when there is no such artifact, or
+        it had this very key (a forced or resumed run)."""
+        info = self._fingerprints.get((stage, key))
+        if info is None:
+            return None
+        identity, fingerprints = info
+        try:
+            doc = json.loads(self._read_bytes(self.path(stage, LATEST_DIR, f"{identity}.json")))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        if doc.get("key") == key:
+            return None
+        old = doc.get("fingerprints") or {}
+        return describe_all(old, fingerprints) or f"key {doc.get('key')} -> {key}"
+
+    def latest_key(
+        self, stage: str, params: Any, inputs: list[Any] | tuple = (), code: str = "1"
+    ) -> str | None:
+        """The key last published for this name-based identity (fingerprints left out), or
+        None: what a stage can still serve when an input it read is gone."""
+        identity = content_key(stage, params, inputs, code)
+        try:
+            doc = json.loads(self._read_bytes(self.path(stage, LATEST_DIR, f"{identity}.json")))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        key = doc.get("key")
+        return key if isinstance(key, str) and self.is_done(stage, key) else None
+
+    def previous(self, stage: str, key: str) -> Manifest | None:
+        """The manifest of the last artifact of the same identity as `key`, if still there."""
+        info = self._fingerprints.get((stage, key))
+        if info is None:
+            return None
+        try:
+            doc = json.loads(self._read_bytes(self.path(stage, LATEST_DIR, f"{info[0]}.json")))
+            if doc.get("key") and doc["key"] != key and self.is_done(stage, doc["key"]):
+                return self.manifest(stage, doc["key"])
+        except (FileNotFoundError, NotADirectoryError, ValueError, ArtifactError):
+            return None
+        return None
+
+    def lineage_fingerprints(self, refs: list[Any], max_manifests: int = 64) -> dict[str, Any]:
+        """{"sources": [...], "target": {...}} found in the manifests upstream of `refs`
+        (their inputs, recursively): the data and target a draft was made from. The nearest
+        target fingerprint wins; sources are deduplicated by digest."""
+        out: dict[str, Any] = {"sources": []}
+        seen: set[tuple[str, str]] = set()
+        queue = [(r.stage, r.key, getattr(r, "url", "")) for r in refs]
+        while queue and len(seen) < max_manifests:
+            stage, key, url = queue.pop(0)
+            if (stage, key) in seen:
+                continue
+            seen.add((stage, key))
+            try:
+                src = self if not url or url.startswith(self.root) else self.for_url(url)[0]
+                m = src.manifest(stage, key)
+            except (ArtifactError, StoreError, OSError):
+                continue
+            fps = m.meta.get("fingerprints") or {}
+            if "target" in fps and "target" not in out:
+                out["target"] = fps["target"]
+            digests_seen = {s.get("digest") for s in out["sources"]}
+            for fp in fps.get("sources") or []:
+                if fp.get("digest") not in digests_seen:
+                    out["sources"].append(fp)
+            queue.extend((i["stage"], i["key"], i.get("url", "")) for i in m.inputs if "key" in i)
+        return out
 
     def path(self, stage: str, key: str, name: str = "") -> str:
         """fs path (no protocol) of a file of an artifact."""
@@ -375,6 +474,13 @@ class ArtifactStore:
         if force:
             self._rm(self.path(stage, key, JOURNAL_DIR), recursive=True)
         writer = ArtifactWriter(self, stage, key)
+        info = self._fingerprints.get((stage, key))
+        if info is not None:
+            writer.identity, writer.fingerprints = info
+            reason = self.recompute_reason(stage, key)
+            if reason:
+                log.info("%s %s: %s; recomputing", stage, key, reason)
+                writer.meta["recompute_reason"] = reason
         yield writer
         writer._commit(params, inputs)
 
@@ -492,6 +598,9 @@ class ArtifactWriter:
         self.files: dict[str, FileEntry] = {}
         self.counts: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
+        # set by publish() from the store's key(): written to meta and the identity index
+        self.identity: str | None = None
+        self.fingerprints: dict[str, Any] = {}
         # Temp files are made next to the final place on local roots (atomic rename), in the
         # system temp dir otherwise.
         if store.is_local:
@@ -589,6 +698,25 @@ class ArtifactWriter:
         if journal:
             self._write_journal(entry)
 
+    def _write_latest(self, manifest: Manifest) -> None:
+        """Point the stage's identity index at this key (after the manifest: a reader that
+        finds the index may read the manifest). Last writer wins; it only explains."""
+        doc = {
+            "key": self.key,
+            "fingerprints": manifest.meta.get("fingerprints"),
+            "created_at": manifest.created_at,
+        }
+        fd, tmp = self._mkstemp()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(json.dumps(doc, sort_keys=True).encode())
+            self.store._put(tmp, self.store.path(self.stage, LATEST_DIR, f"{self.identity}.json"))
+        except (OSError, StoreError) as exc:  # the artifact is published; only the "why" is lost
+            log.warning("could not update the %s index of %s: %s", LATEST_DIR, self.stage, exc)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
     def _write_journal(self, entry: FileEntry) -> None:
         # flat journal dir; a nested name also carries its hash, so `a/b` and `a__b` differ
         stem = entry.name
@@ -654,6 +782,10 @@ class ArtifactWriter:
 
     # -- commit
     def _commit(self, params: Any, inputs: list[Any] | tuple) -> None:
+        if self.fingerprints:
+            # the stage may have added more (e.g. the sources a draft was trained on)
+            self.meta["fingerprints"] = {**self.fingerprints, **self.meta.get("fingerprints", {})}
+            self.meta["identity"] = self.identity
         manifest = Manifest(
             stage=self.stage,
             key=self.key,
@@ -668,6 +800,8 @@ class ArtifactWriter:
         )
         self._put_bytes(MANIFEST, manifest.to_json().encode())
         log.info("published %s (%d files)", redact_url(self.url), len(self.files))
+        if self.identity and self.fingerprints:
+            self._write_latest(manifest)
         # The manifest now lists everything the journal did; a leftover journal is harmless
         # (a later publish rewrites or force-drops it), so a failure here is only logged.
         try:

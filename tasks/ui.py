@@ -48,7 +48,8 @@ def report_outcome(
     Returns:
         True when cached.
     """
-    created = store.manifest(ref.stage, ref.key).created_at
+    manifest = store.manifest(ref.stage, ref.key)
+    created = manifest.created_at
     cached = created < started
     if cached:
         log.info("%s %s: cached (%s)", ref.stage, ref.key, ref.url)
@@ -62,6 +63,15 @@ def report_outcome(
             counts or "no counts",
             ref.url,
         )
+        reason = manifest.meta.get("recompute_reason")
+        if reason:  # a new key for inputs of the same names: say which input changed
+            log.info("%s %s: recomputed because %s", ref.stage, ref.key, reason)
+            markdown(
+                ref.stage,
+                "recompute-reason",
+                f"**{ref.stage} recomputed** (key `{ref.key}`): {reason}",
+                description=f"{ref.stage}: why it recomputed",
+            )
     return cached
 
 
