@@ -56,7 +56,6 @@ from eagle_core.errors import ConfigError, ModelMismatchError
 log = logging.getLogger(__name__)
 
 DraftKind = Literal["eagle3", "eagle1"]
-Alignment = Literal["aligned", "reference"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,7 +290,6 @@ class TTTState:
     chain rooted at t only (a "diagonal" key).
     """
 
-    alignment: Alignment = "aligned"
     checkpoint: bool = False  # recompute the [T, T] scores of steps >= 1 in backward
     step: int = 0
     k0: Tensor | None = None
@@ -357,8 +355,8 @@ class DraftAttention(nn.Module):
         """Step st.step of the TTT unroll; q/k/v at all T indices at once.
 
         Step 0: plain causal attention (SDPA) over the step-0 keys. Step k >= 1: the query
-        at index t scores the step-0 keys [T x T, causal: j <= t; reference: j <= t - k] and
-        the k diagonal keys of steps 1..k at index t; one softmax over both. No T x KT mask.
+        at index t scores the step-0 keys [T x T, causal: j <= t] and the k diagonal keys of
+        steps 1..k at index t; one softmax over both. No T x KT mask.
         """
         k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)  # [B, Hq, T, D]
         if st.step == 0:
@@ -367,21 +365,20 @@ class DraftAttention(nn.Module):
         assert st.k0 is not None and st.v0 is not None, "TTT step 0 must run first"
         st.diag_k.append(k)
         st.diag_v.append(v)
-        shift = 0 if st.alignment == "aligned" else st.step  # reference hides t-k+1..t
         dk = torch.stack(st.diag_k, dim=-2)  # [B, Hq, T, k, D]
         dv = torch.stack(st.diag_v, dim=-2)  # [B, Hq, T, k, D]
         if st.checkpoint and torch.is_grad_enabled():
             # keeps only the inputs for backward, not the [B, Hq, T, T+k] scores and probs
-            return checkpoint(self._mix, q, st.k0, st.v0, dk, dv, shift, use_reentrant=False)
-        return self._mix(q, st.k0, st.v0, dk, dv, shift)
+            return checkpoint(self._mix, q, st.k0, st.v0, dk, dv, use_reentrant=False)
+        return self._mix(q, st.k0, st.v0, dk, dv)
 
-    def _mix(self, q: Tensor, k0: Tensor, v0: Tensor, dk: Tensor, dv: Tensor, shift: int) -> Tensor:
-        """One softmax over the visible step-0 keys (j <= t - shift) and the diagonal keys.
+    def _mix(self, q: Tensor, k0: Tensor, v0: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
+        """One softmax over the causal step-0 keys (j <= t) and the diagonal keys.
 
         q, k0, v0: [B, Hq, T, D]; dk, dv: [B, Hq, T, k, D]. Returns [B, Hq, T, D].
         """
         t = q.shape[2]
-        visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril(-shift)  # [T, T]
+        visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()  # [T, T]
         scores = (q @ k0.transpose(-1, -2)) * self.scaling  # [B, Hq, T, T]
         scores = scores.masked_fill(~visible, float("-inf"))
         diag = (q.unsqueeze(-2) * dk).sum(-1) * self.scaling  # [B, Hq, T, k]
@@ -532,7 +529,6 @@ class _Draft(nn.Module):
         input_ids: Tensor,
         hidden0: Tensor,
         steps: int,
-        alignment: Alignment = "aligned",
         checkpoint_attention: bool = False,
         with_logits: bool = True,
     ) -> Iterator[tuple[Tensor, Tensor | None]]:
@@ -540,20 +536,21 @@ class _Draft(nn.Module):
 
         Step k at index t reads token x[t+1+k] (0 past the end: those positions are
         weighted 0 by the loss), hidden0[t] at k=0 else its own step k-1 output at t, RoPE
-        position t+k ("aligned") or t ("reference"). See eagle_core/loss.py for the picture.
+        position t+k. Both loss alignments (eagle_core/loss.py) train this one forward: they
+        differ in the loss weights and averaging only, as SpecForge 0.2.0 and EAGLE-3's
+        current trainer compute this forward too.
 
         Args:
             input_ids: [B, T] the sample's tokens x.
             hidden0: [B, T, H] init_hidden() of the target states at every position.
             steps: K.
-            alignment: "aligned" (serving semantics) or "reference" (EAGLE-3/SpecForge).
             checkpoint_attention: recompute the attention scores of steps >= 1 in backward
                 (saves about K * B * Hq * T^2 * 6 bytes for long samples; same numbers).
             with_logits: False yields None for logits (the loss then computes them itself,
                 under activation checkpointing).
         """
         b, t = input_ids.shape
-        st = TTTState(alignment=alignment, checkpoint=checkpoint_attention)
+        st = TTTState(checkpoint=checkpoint_attention)
         base = torch.arange(t, device=input_ids.device).expand(b, t)  # [B, T]
         hidden = hidden0
         for k in range(steps):
@@ -561,8 +558,7 @@ class _Draft(nn.Module):
             tokens = torch.zeros_like(input_ids)
             if 1 + k < t:
                 tokens[:, : t - 1 - k] = input_ids[:, 1 + k :]  # x[t+1+k]
-            positions = base + k if alignment == "aligned" else base
-            hidden, logits = self._forward(tokens, hidden, positions, st, with_logits)
+            hidden, logits = self._forward(tokens, hidden, base + k, st, with_logits)
             yield hidden, logits
 
 

@@ -25,18 +25,31 @@ index t is the k-th draft step of a chain rooted at the verified position r = t)
         step-0 keys, index j = 0 1 2 3 4 5       chain keys (index t only)
         step 0, t=3:           # # # # . .        -
         step 2, t=3:           # # # # . .        k1[3] k2[3]
-        reference, step 2, t=3 # # . . . .        k1[3] k2[3]   (hides j = t-k+1..t)
 
-`alignment="reference"` reproduces EAGLE-3 / SpecForge training: RoPE position t at every
-step, the shifted-diagonal mask above, and weight m[t+k] (the loss mask two tokens before the
-predicted one: the first two tokens of every masked span are never trained, and two tokens
-after it are) times [target at t+1+k exists].
+Both alignments train this one forward (positions and attention above; Eagle3Draft.ttt_steps).
+They differ in the loss weights and averaging only:
 
-Averaging: loss_k = Σ_weighted CE / (number of weighted positions); total = Σ decay^k loss_k.
-The EAGLE-3 reference and SpecForge divide the per-position sum by B·T instead (`.mean()`
-over all positions, masked ones included), so their loss scale falls with padding and mask
-density; EAGLE-1/2 divided by loss_mask.sum(), as we do. Accuracy_k = fraction of weighted
-positions where the draft argmax equals the target argmax (both in the draft vocab).
+    aligned:    weight = m[t+2+k] * in_vocab[t+1+k] * [t+2+k < len];
+                loss_k = Σ weight·CE / Σ weight
+    reference:  weight = m[t+k] * in_vocab[t+1+k] * [t+1+k < len];
+                loss_k = Σ weight·CE / (B·T)        (T = the batch's padded length)
+    total = Σ_k decay^k · loss_k (decay 0.8 in both; per micro batch, then averaged over
+    micro batches and processes)
+
+`alignment="reference"` is what SpecForge 0.2.0 (`OnlineEagle3Model.forward`,
+`LlamaForCausalLMEagle3` attention with `position_ids + lck`, `LogSoftmaxLoss`: a `.mean()`
+over all B·T positions) and SafeAILab EAGLE-3's current `traineagle3/cnets.py` compute: the
+same RoPE t+k and plain causal attention as "aligned" (EAGLE-3 dropped its earlier
+shifted-diagonal mask in Sep 2025), the loss mask two tokens before the predicted one (their
+loss mask shifts with the steps, so the first two tokens of every masked span are never
+trained, and the two tokens after it are) and the loss divided by every position, masked and
+padded ones included, so its scale falls with padding and mask density (checked against
+SpecForge's own forward: tests/eagle_core/test_specforge_peer.py). EAGLE-1/2 divided by
+loss_mask.sum(), as "aligned" does.
+
+Accuracy_k (both alignments) = fraction of weighted positions where the draft argmax equals
+the target argmax (both in the draft vocab). The reference trainers print hits over
+#{m[t+k] = 1}: a target argmax outside the draft vocab counts there as a miss, here not at all.
 
 Serving-faithful conditional acceptance (metrics only, no extra forward): teacher forcing feeds
 step k the DATA token x[t+1+k], while a greedy serving engine feeds the draft's own step k-1
@@ -50,9 +63,8 @@ cond_roots_k = #{alive at k with weight_k > 0}, cond_hits_k = # of those that hi
 data token leaves the target's greedy path is dropped from then on (censored, not a miss), so
 Π_k cond_hits_k / cond_roots_k estimates P(a chain accepts at least k tokens) even on data the
 target did not write, and captures errors correlated across steps (a product of the per-step
-accuracies assumes they are independent). With alignment="reference" the same counts are taken
-from the reference forward and weights: the conditional accuracy of that training forward along
-the target's greedy path (its attention and positions are not what serving computes).
+accuracies assumes they are independent). With alignment="reference" the roots and steps are
+those with reference weight > 0 (the forward is the same).
 
 The target's distribution is computed from `last_hidden` through the target lm_head rows of
 the draft vocab only (`W_head[draft_target_ids]`, fp32 over Vd), never full-vocab fp32 logits;
@@ -87,7 +99,8 @@ class TTTConfig:
 
     steps: int = 7  # EAGLE-3 default; at least as deep as the chains serving engines draft
     decay: float = 0.8  # step k weighs decay**k: its token counts only if steps < k were accepted
-    alignment: Literal["aligned", "reference"] = "aligned"  # "reference": EAGLE-3/SpecForge masks
+    # "reference": EAGLE-3/SpecForge loss weights and averaging (module docstring)
+    alignment: Literal["aligned", "reference"] = "aligned"
     checkpoint_attention: bool = False  # long samples: recompute TTT scores in backward
     eagle1_feature_weight: float = 1.0  # EAGLE-1: weight of SmoothL1(feature) (reference: 1.0)
     eagle1_ce_weight: float = 0.1  # EAGLE-1: weight of the soft CE (reference: 0.1)
@@ -305,14 +318,12 @@ def compute_loss(
     total = hidden0.new_zeros((), dtype=torch.float32)
     out = LossOutput(loss=total, step_loss=[], step_acc=[], step_count=[])
     steps = draft.ttt_steps(
-        batch.input_ids,
-        hidden0,
-        cfg.steps,
-        cfg.alignment,
-        cfg.checkpoint_attention,
+        batch.input_ids, hidden0, cfg.steps, cfg.checkpoint_attention,
         with_logits=not cfg.checkpoint_head,
-    )
-    t_len = batch.input_ids.shape[1]
+    )  # fmt: skip
+    b_len, t_len = batch.input_ids.shape
+    # the reference trainers average every step over all B·T positions (module docstring)
+    all_positions = hidden0.new_tensor(float(b_len * t_len), dtype=torch.float32)
     # chains alive at the current step, per root index t (serving-faithful acceptance)
     alive = torch.ones_like(batch.input_ids, dtype=torch.bool)  # [B, T]
     cond: list[Tensor] = []  # per step: [hits, roots] int64
@@ -329,7 +340,7 @@ def compute_loss(
         w = step_weights(batch.loss_mask, batch.attention_mask, in_vocab, k, cfg.alignment)
         w = w[:, :span]  # [B, span]
         n = w.sum()
-        denom = n.clamp(min=1.0)
+        denom = n.clamp(min=1.0) if cfg.alignment == "aligned" else all_positions
         if cfg.checkpoint_head:
             # keep only hidden_out [B, T, H] for backward; the [B, T, Vd] logits and
             # log-softmax of every step are recomputed there (they dominate TTT memory)
@@ -349,7 +360,7 @@ def compute_loss(
         with torch.no_grad():
             hit_b = draft_argmax == t_argmax[:, 1 + k :]  # [B, span]
             hit = hit_b.float()
-            out.step_acc.append(float((hit * w).sum() / denom))
+            out.step_acc.append(float((hit * w).sum() / n.clamp(min=1.0)))
             live = alive[:, :span] & (w > 0)  # [B, span]; step 0: the roots
             cond.append(torch.stack([(live & hit_b).sum(), live.sum()]))
             # step k+1 is fed x[t+2+k]; serving feeds the accepted draft token g[t+1+k]

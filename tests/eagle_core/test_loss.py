@@ -104,7 +104,7 @@ def test_step_weights_alignment() -> None:
 
 
 # ---- a slow, dense, independent implementation of the whole loss ----------------------------
-def _dense_attention(attn, x, cos, sin, keys, values, step, alignment):
+def _dense_attention(attn, x, cos, sin, keys, values, step):
     """Attention with an explicit [T, (k+1)T] boolean mask over all steps' keys."""
     b, t, _ = x.shape
     q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
@@ -113,8 +113,7 @@ def _dense_attention(attn, x, cos, sin, keys, values, step, alignment):
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     keys.append(k)
     values.append(v)
-    shift = 0 if (alignment == "aligned" or step == 0) else step
-    blocks = [torch.ones(t, t, dtype=torch.bool).tril(-shift)]
+    blocks = [torch.ones(t, t, dtype=torch.bool).tril()]  # step-0 keys: causal
     blocks += [torch.eye(t, dtype=torch.bool)] * step  # chain keys: same index only
     mask = torch.cat(blocks, dim=1)  # [T, (k+1)T]
     kk = torch.cat(keys, dim=2).repeat_interleave(attn.groups, dim=1)
@@ -123,25 +122,25 @@ def _dense_attention(attn, x, cos, sin, keys, values, step, alignment):
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def _dense_forward(draft, x, hidden0, steps, alignment):
+def _dense_forward(draft, x, hidden0, steps):
     b, t = x.shape
     keys, values, outs, h = [], [], [], hidden0
     for k in range(steps):
         tok = torch.zeros_like(x)
         tok[:, : max(t - 1 - k, 0)] = x[:, 1 + k :]
-        pos = torch.arange(t)[None].expand(b, t) + (k if alignment == "aligned" else 0)
+        pos = torch.arange(t)[None].expand(b, t) + k
         cos, sin = draft.rotary_emb(h, pos)
         emb = draft.embed_tokens(tok)
         if isinstance(draft, Eagle1Draft):
             layer = draft.layers[0]
             z = draft.fc(torch.cat([emb, h], -1))
-            z = z + _dense_attention(layer.self_attn, z, cos, sin, keys, values, k, alignment)
+            z = z + _dense_attention(layer.self_attn, z, cos, sin, keys, values, k)
             h = z + layer.mlp(layer.post_attention_layernorm(z))
             logits = draft.lm_head(h)
         else:
             ml = draft.midlayer
             xa = torch.cat([ml.input_layernorm(emb), ml.hidden_norm(h)], -1)
-            h = h + _dense_attention(ml.self_attn, xa, cos, sin, keys, values, k, alignment)
+            h = h + _dense_attention(ml.self_attn, xa, cos, sin, keys, values, k)
             h = h + ml.mlp(ml.post_attention_layernorm(h))
             logits = draft.lm_head(draft.norm(h))
         outs.append((h, logits))
@@ -149,14 +148,15 @@ def _dense_forward(draft, x, hidden0, steps, alignment):
 
 
 def _dense_loss(draft, batch, head, cfg, shift_targets: int = 0) -> float:
-    """Σ_k decay^k · (Σ_weighted CE / #weighted), with python loops over every (b, t, k)."""
+    """Σ_k decay^k · (Σ_weighted CE / #weighted, or / B·T for "reference"), with python
+    loops over every (b, t, k)."""
     ids = draft.draft_target_ids
     full = torch.softmax(batch.last_hidden.float() @ head.float().T, dim=-1)  # [B, T, V]
     probs = full[..., ids] / full[..., ids].sum(-1, keepdim=True)
     states_hidden = draft.init_hidden(
         type("S", (), {"aux": batch.aux_hidden, "last": batch.last_hidden})()
     )
-    outs = _dense_forward(draft, batch.input_ids, states_hidden, cfg.steps, cfg.alignment)
+    outs = _dense_forward(draft, batch.input_ids, states_hidden, cfg.steps)
     total = 0.0
     b_n, t_n = batch.input_ids.shape
     for k, (h, logits) in enumerate(outs):
@@ -178,6 +178,8 @@ def _dense_loss(draft, batch, head, cfg, shift_targets: int = 0) -> float:
                 if isinstance(draft, Eagle1Draft):
                     fnum += float(F.smooth_l1_loss(h[b, t], batch.last_hidden[b, p]))
                 den += 1
+        if cfg.alignment == "reference":
+            den = b_n * t_n  # every position of the padded batch, as SpecForge's .mean()
         step = num / max(den, 1)
         if isinstance(draft, Eagle1Draft):
             step = cfg.eagle1_feature_weight * fnum / max(den, 1) + cfg.eagle1_ce_weight * step

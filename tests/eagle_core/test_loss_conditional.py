@@ -103,7 +103,7 @@ def _reference_counts(draft, batch, head, ttt) -> tuple[list[int], list[int]]:
     with torch.no_grad():
         _, g, in_vocab = target_distribution(batch.last_hidden, head, draft.draft_target_ids)
         hidden0 = draft.fc(batch.aux_hidden)
-        steps = draft.ttt_steps(batch.input_ids, hidden0, ttt.steps, ttt.alignment)
+        steps = draft.ttt_steps(batch.input_ids, hidden0, ttt.steps)
         d = [logits.argmax(-1) for _, logits in steps]  # per step [B, T]
     w = [
         step_weights(batch.loss_mask, batch.attention_mask, in_vocab, k, ttt.alignment)

@@ -69,7 +69,7 @@ def test_training_forward_equals_chain_drafting(kind: str, rope: dict | None) ->
     x = torch.randint(0, V, (2, T))
     with torch.no_grad():
         hidden0 = draft.init_hidden(capture_states(target, x, layer_ids=cfg.aux_layer_ids or None))
-        train = [lg for _, lg in draft.ttt_steps(x, hidden0, K, "aligned")]
+        train = [lg for _, lg in draft.ttt_steps(x, hidden0, K)]
         checked = 0
         for t in range(T - 1):
             chain = _chain_logits(draft, x, hidden0, t, K - 1)
@@ -85,25 +85,6 @@ def test_training_forward_equals_chain_drafting(kind: str, rope: dict | None) ->
     assert checked == sum(min(K, T - 1 - t) for t in range(T - 1))
 
 
-def test_reference_alignment_differs_from_serving() -> None:
-    """The reference masks/positions reproduce step 0 but not the later chain steps."""
-    target = _target()
-    cfg = DraftConfig.from_target_config(target.config, draft_vocab_size=64)
-    torch.manual_seed(1)
-    draft = build_draft(cfg, target).eval()
-    x = torch.randint(0, V, (1, T))
-    with torch.no_grad():
-        hidden0 = draft.init_hidden(capture_states(target, x, layer_ids=cfg.aux_layer_ids))
-        aligned = [lg for _, lg in draft.ttt_steps(x, hidden0, 3, "aligned")]
-        ref = [lg for _, lg in draft.ttt_steps(x, hidden0, 3, "reference")]
-        torch.testing.assert_close(ref[0], aligned[0])  # step 0 is plain causal in both
-        t = 6
-        chain = _chain_logits(draft, x, hidden0, t, 2)
-        for k in (1, 2):
-            assert not torch.allclose(ref[k][:, t], chain[k], atol=1e-3)
-            torch.testing.assert_close(aligned[k][:, t], chain[k], rtol=1e-4, atol=1e-5)
-
-
 def test_shifted_hidden_breaks_the_equality() -> None:
     """The equality is sensitive: feeding the state of t-1 (off by one) is caught."""
     target = _target()
@@ -114,7 +95,7 @@ def test_shifted_hidden_breaks_the_equality() -> None:
     with torch.no_grad():
         hidden0 = draft.init_hidden(capture_states(target, x, layer_ids=cfg.aux_layer_ids))
         shifted = torch.cat([hidden0[:, :1], hidden0[:, :-1]], dim=1)  # state of t-1 at t
-        train = [lg for _, lg in draft.ttt_steps(x, shifted, 2, "aligned")]
+        train = [lg for _, lg in draft.ttt_steps(x, shifted, 2)]
         chain = _chain_logits(draft, x, hidden0, 5, 1)
     assert not torch.allclose(train[0][:, 5], chain[0], atol=1e-3)
     assert not torch.allclose(train[1][:, 5], chain[1], atol=1e-3)
