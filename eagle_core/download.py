@@ -439,6 +439,18 @@ def _copy_id(rec: dict[str, Any], k: int) -> dict[str, Any]:
     return {**rec, "sample_id": f"{rec['sample_id']}#{k}"}
 
 
+def download_key(
+    store: ArtifactStore, cfg: DownloadConfig, storage_options: dict[str, Any] | None = None
+) -> str:
+    """The stage key: the config and what its sources hold now (`source_fingerprint`).
+
+    Raises:
+        DataError: a source matches no files.
+    """
+    fingerprints = {"sources": [source_fingerprint(s, storage_options) for s in cfg.sources]}
+    return store.key(STAGE, cfg, code=CODE_VERSION, fingerprints=fingerprints)
+
+
 def download(
     store: ArtifactStore,
     cfg: DownloadConfig,
@@ -460,7 +472,7 @@ def download(
         DataError: more than `max_reject_fraction` rows rejected, or no record left.
     """
     try:
-        fingerprints = {"sources": [source_fingerprint(s, storage_options) for s in cfg.sources]}
+        key = download_key(store, cfg, storage_options)
     except DataError as exc:
         # a source is gone (a scratch file deleted after its download): the last download of
         # these sources is all that is left of them, so a rerun keeps using it
@@ -469,7 +481,6 @@ def download(
             raise
         log.warning("download %s: %s; reusing the last download of these sources", prior, exc.what)
         return store.ref(STAGE, prior)
-    key = store.key(STAGE, cfg, code=CODE_VERSION, fingerprints=fingerprints)
     if store.is_done(STAGE, key) and not force:
         log.info("download %s: cached", key)
         return store.ref(STAGE, key)
@@ -521,7 +532,8 @@ def download(
                 name: ((old_sources.get(name) or {}).get("read"), n.get("read"))
                 for name, n in run.per_source.items()
             }
-            reason = describe_all(previous.meta.get("fingerprints"), fingerprints, rows=rows)
+            now = store.fingerprints_of(STAGE, key)
+            reason = describe_all(previous.meta.get("fingerprints"), now, rows=rows)
             if reason:
                 w.meta["recompute_reason"] = reason
                 log.info("download %s: %s", key, reason)

@@ -115,6 +115,14 @@ class ExtractConfig:
             object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids))
 
 
+def extract_key(store: ArtifactStore, tokens: StageRef, cfg: ExtractConfig) -> str:
+    """The stage key: config, tokens artifact, code, and the target's fingerprint (its
+    weights, configs and tokenizer files as they are now: a target updated in place at the
+    same path gets a new key)."""
+    fingerprints = {"target": model_fingerprint(cfg.target)}
+    return store.key(STAGE, cfg, inputs=[tokens], code=CODE_VERSION, fingerprints=fingerprints)
+
+
 @dataclass
 class _TokenSample:
     sample_id: str
@@ -250,10 +258,7 @@ def extract_hidden(
         ModelMismatchError: token ids outside the target's vocab (another tokenizer).
         DataError: no usable sample.
     """
-    # the target's weights, configs and tokenizer files as they are now: a target updated in
-    # place (same path) gets a new key
-    fingerprints = {"target": model_fingerprint(cfg.target)}
-    key = store.key(STAGE, cfg, inputs=[tokens], code=CODE_VERSION, fingerprints=fingerprints)
+    key = extract_key(store, tokens, cfg)
     if store.is_done(STAGE, key) and not force:
         log.info("extract_hidden %s: cached", key)
         return store.ref(STAGE, key)

@@ -42,7 +42,7 @@ from typing import Any
 
 import fsspec
 
-from storage.urls import redact_url
+from storage.urls import fs_options, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ def files_fingerprint(
     fs, root = fsspec.core.url_to_fs(source, **dict(storage_options or {}))
     local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     if files is None:
-        files = _expand(fs, root)
-    paths = sorted(fsspec.core.url_to_fs(f, **dict(storage_options or {}))[1] for f in files)
+        paths = _expand(fs, root)
+    else:
+        paths = sorted(fs._strip_protocol(f) for f in files)
     entries = []
     for p in paths:
         if local:
@@ -297,7 +298,8 @@ def artifact_fingerprint(url: str, prefix: str = "") -> dict[str, Any] | None:
     if len(parts) != 3 or not parts[0]:
         return None
     try:
-        fs, path = fsspec.core.url_to_fs(url.rstrip("/") + "/" + MANIFEST)
+        murl = url.rstrip("/") + "/" + MANIFEST
+        fs, path = fsspec.core.url_to_fs(murl, **fs_options(murl))
         if not fs.exists(path):
             return None
         with fs.open(path, "rb") as fh:
@@ -346,8 +348,10 @@ def model_fingerprint(ref: str, part: str = "model") -> dict[str, Any]:
         fp["kind"], fp["part"] = "model_dir", part
         return with_digest(fp)
     if "://" in ref:
-        fs, root = fsspec.core.url_to_fs(ref)
-        fp = files_fingerprint(ref, files=[fs.unstrip_protocol(p) for p in _expand(fs, root)])
+        opts = fs_options(ref)
+        fs, root = fsspec.core.url_to_fs(ref, **opts)
+        files = [fs.unstrip_protocol(p) for p in _expand(fs, root, patterns)]
+        fp = files_fingerprint(ref, files=files, storage_options=opts)
         fp["kind"], fp["part"] = "model_dir", part
         return with_digest(fp)
     repo_id, _, revision = ref.partition("@")

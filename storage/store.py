@@ -249,6 +249,11 @@ class ArtifactStore:
         old = doc.get("fingerprints") or {}
         return describe_all(old, fingerprints) or f"key {doc.get('key')} -> {key}"
 
+    def fingerprints_of(self, stage: str, key: str) -> dict[str, Any]:
+        """The fingerprints `key()` hashed into `key` in this process ({} if none)."""
+        info = self._fingerprints.get((stage, key))
+        return dict(info[1]) if info else {}
+
     def latest_key(
         self, stage: str, params: Any, inputs: list[Any] | tuple = (), code: str = "1"
     ) -> str | None:

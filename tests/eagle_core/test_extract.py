@@ -18,6 +18,7 @@ from eagle_core.extract import (
     ExtractConfig,
     check_compatible,
     extract_hidden,
+    extract_key,
     iter_hidden_samples,
     plan_batches,
     plan_shards,
@@ -134,7 +135,7 @@ def test_resume_after_a_crash_reuses_finished_shards(tmp_path, target_dir: str) 
 
     with pytest.raises(RuntimeError, match="simulated"):
         extract_hidden(store, tokens, cfg, progress=crash)
-    key = store.key("extract_hidden", cfg, inputs=[tokens], code="1")
+    key = extract_key(store, tokens, cfg)
     assert not store.is_done("extract_hidden", key)
     first = store.path("extract_hidden", key, "shard-00000.parquet")
     stamp = os.stat(first).st_mtime_ns

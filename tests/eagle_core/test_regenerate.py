@@ -28,6 +28,7 @@ from eagle_core.regenerate import (
     RegenerateConfig,
     _end_of_turn_ids,
     regenerate,
+    regenerate_key,
 )
 from storage import ArtifactStore, StageRef
 from storage.shards import write_parquet
@@ -424,7 +425,7 @@ def test_nothing_kept_is_an_error(target_dir: str, tmp_path) -> None:
         regenerate(store, records, _cfg(target_dir, max_new_tokens=1))
     assert not store.is_done(
         "regenerate",
-        store.key("regenerate", _cfg(target_dir, max_new_tokens=1).key_params(), inputs=[records]),
+        regenerate_key(store, records, _cfg(target_dir, max_new_tokens=1)),
     )
 
 
@@ -561,7 +562,7 @@ _CHILD = textwrap.dedent(
 def test_sigkill_mid_stage_then_rerun_equals_uninterrupted(target_dir: str, tmp_path) -> None:
     cfg = _cfg(target_dir, shard_size=2)
     store, records = _store_records(str(tmp_path / "killed"), _records())
-    key = store.key("regenerate", cfg.key_params(), inputs=[records], code="1")
+    key = regenerate_key(store, records, cfg)
     journal = store.path("regenerate", key, "_journal")
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     cfg_json = json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__})

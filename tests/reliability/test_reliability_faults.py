@@ -102,7 +102,7 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from eagle_core.download import CODE_VERSION, DownloadConfig, SourceSpec, download
+    from eagle_core.download import DownloadConfig, SourceSpec, download, download_key
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -115,7 +115,7 @@ def test_s3_server_stops_mid_upload_and_comes_back(tmp_path, monkeypatch):
         store = ArtifactStore("s3://outage/root")
         src = write_jsonl(str(tmp_path / "c.jsonl"), chat_rows(160))
         cfg = DownloadConfig(sources=(SourceSpec(path=src),), shard_size=2, shuffle=False)
-        key = store.key("download", cfg, code=CODE_VERSION)
+        key = download_key(store, cfg)
         outcome: dict = {}
 
         def run() -> None:
