@@ -129,6 +129,7 @@ class ReleaseOutcome:
     entry: dict[str, Any] | None  # the history entry written (None: nothing to record)
     current_url: str  # the export a serving job should use after this decision ("" = none)
     pointer_url: str  # `<root>/releases/<name>/current.json`
+    recorded: bool = False  # `entry` was appended by this call (not an earlier equal one)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +141,7 @@ class ReleaseOutcome:
             "tau_new": self.new.tau,
             "tau_current": self.current.tau if self.current else None,
             "entry": (self.entry or {}).get("id"),
+            "recorded": self.recorded,
             "pointer": self.pointer_url,
         }
 
@@ -375,22 +377,42 @@ def release(
         if problem:
             log.warning("release %s: current release %s: %s", cfg.name, previous["id"], problem)
     decision = decide(new, current, cfg.tolerance, current_problem=problem)
-    entry = log_.append(
-        _entry(
-            cfg,
-            decision,
-            new,
-            current,
-            previous,
-            problem,
-            _keys(refs),
-            fingerprints_of(store, refs),
-            flow_run_id,
-        )
+    entry = _entry(
+        cfg,
+        decision,
+        new,
+        current,
+        previous,
+        problem,
+        _keys(refs),
+        fingerprints_of(store, refs),
+        flow_run_id,
     )
+    last = log_.last()
+    if last is not None and _same_decision(last, entry):
+        # a rerun of a kept/refused draft against the same release and measurements: the
+        # decision is already in the history, so a nightly run of unchanged inputs adds nothing
+        log.info("release %s: same decision as entry %s", cfg.name, last["id"])
+        entry, recorded = last, False
+    else:
+        entry, recorded = log_.append(entry), True
     current_url = new.export_url if decision.promoted else (previous or {}).get("export_url", "")
     log.debug("release %s: %s", cfg.name, decision.reason)  # the task logs it for the run
-    return ReleaseOutcome(cfg.name, decision, new, current, entry, current_url, log_.url(CURRENT))
+    return ReleaseOutcome(
+        cfg.name, decision, new, current, entry, current_url, log_.url(CURRENT), recorded
+    )
+
+
+def _same_decision(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two entries that decide the same way about the same pair of measured drafts."""
+    ca, cb = a.get("compared_with") or {}, b.get("compared_with") or {}
+    return (
+        a.get("action") == b.get("action")
+        and a.get("export_url") == b.get("export_url")
+        and a.get("evaluate_url") == b.get("evaluate_url")
+        and a.get("tolerance") == b.get("tolerance")
+        and all(ca.get(k) == cb.get(k) for k in ("entry", "evaluate_url", "problem"))
+    )
 
 
 def promote(

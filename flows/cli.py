@@ -66,9 +66,12 @@ def _add_section_options(
             kw["type"] = ann
         elif isinstance(ann, types.UnionType) and type(None) in args:
             inner = [a for a in args if a is not type(None)]
-            if len(inner) != 1 or inner[0] not in (int, float, str):
+            if inner == [bool]:  # --flag / --no-flag; neither keeps the field's None default
+                kw["action"] = argparse.BooleanOptionalAction
+            elif len(inner) != 1 or inner[0] not in (int, float, str):
                 continue
-            kw["type"] = inner[0]
+            else:
+                kw["type"] = inner[0]
         else:
             continue  # lists / nested models: set them in pipeline.yaml
         parser.add_argument(opt, **kw)
@@ -299,6 +302,79 @@ def _bar(stage: str) -> Callable[[int, int], None]:
     return update
 
 
+# ---- releases -------------------------------------------------------------------------------
+def _release_lines(entry: dict[str, Any]) -> list[str]:
+    """One entry of a release's history, for people (the export URL is printed last)."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    cmp = entry.get("compared_with") or {}
+    acc = ", ".join(fmt(a) for a in entry.get("per_position_acceptance") or []) or "n/a"
+    lines = [
+        f"entry:      {entry.get('id')} ({entry.get('action')}, {entry.get('at')})",
+        f"reason:     {entry.get('reason')}",
+        f"tau:        {fmt(entry.get('tau'))}"
+        + (f" (current release then: {fmt(cmp.get('tau'))})" if cmp else ""),
+        f"acceptance: {acc} (per draft position)",
+        f"lossless:   {entry.get('lossless')}",
+        f"target:     {entry.get('target') or 'n/a'}",
+        f"keys:       {entry.get('keys')}",
+        f"flow run:   {entry.get('flow_run_id') or '-'}",
+    ]
+    fps = entry.get("fingerprints") or {}
+    digest = lambda fp: fp.get("digest", "?") if isinstance(fp, dict) else "?"  # noqa: E731
+    if fps.get("target"):
+        lines.append(f"target fingerprint: {digest(fps['target'])}")
+    for fp in fps.get("data") or []:
+        lines.append(f"data fingerprint:   {digest(fp)} {fp.get('path', '')}".rstrip())
+    return lines
+
+
+def _cmd_release_show(ns: argparse.Namespace) -> str:
+    from eagle_core.release import show
+
+    info = show(_store(ns), ns.name)
+    current = info["current"]
+    if current is None:
+        from storage import ArtifactError
+
+        raise ArtifactError(
+            f"release {ns.name!r} has no promoted export yet ({info['pointer']})",
+            fix="run the retrain flow (its first draft is promoted), or "
+            f"`eagle-pipeline release promote {ns.name} --export URL`",
+        )
+    if info["stale"]:
+        print(
+            f"warning: {info['pointer']} lags the history (a promotion was interrupted); "
+            "showing the history's newest promotion, which the next promotion writes there",
+            file=sys.stderr,
+        )
+    print(f"release:    {ns.name} ({info['pointer']})")
+    print("\n".join(_release_lines(current)))
+    return current["export_url"]
+
+
+def _cmd_release_history(ns: argparse.Namespace) -> str:
+    from eagle_core.release import history, show
+
+    store = _store(ns)
+    entries = history(store, ns.name)
+    for e in entries:
+        tau = "n/a" if e.get("tau") is None else f"{e['tau']:.3f}"
+        mark = "*" if e.get("promoted") else " "
+        print(f"{e.get('at')} {mark} {e.get('action'):8s} tau {tau:>6s} {e.get('export_url')}")
+        print(f"    {e.get('reason')}")
+    current = show(store, ns.name)["current"]
+    print(f"{len(entries)} entries; * = promoted; current:", file=sys.stderr)
+    return current["export_url"] if current else ""
+
+
+def _cmd_release_promote(ns: argparse.Namespace) -> str:
+    from eagle_core.release import promote
+
+    entry = promote(_store(ns), ns.name, ns.export, reason=ns.reason or "")
+    print("\n".join(_release_lines(entry)), file=sys.stderr)
+    return entry["export_url"]
+
+
 # ---- whole pipeline -------------------------------------------------------------------------
 def _run_flow(params: Any) -> str:
     from flows.retrain import retrain
@@ -308,6 +384,9 @@ def _run_flow(params: Any) -> str:
     for stage, cached in result["cached"].items():
         print(f"{stage:18s} {'cached' if cached else 'computed'}", file=sys.stderr)
     print(f"exported draft: {result['export_url']}", file=sys.stderr)
+    if result.get("release"):
+        r = result["release"]
+        print(f"release {r['name']}: {r['reason']}; serving {r['export_url']}", file=sys.stderr)
     print(f"acceptance length tau = {result['tau']}")
     return result["export_url"]
 
@@ -523,6 +602,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out prompt file (jsonl) or records artifact URL; repeatable",
     )
     _add_section_options(p, EvalParams)
+
+    p = sub.add_parser(
+        "release",
+        help="the export a serving job should use: show, history, promote (rollback)",
+        description="Releases live under <root>/releases/<name>/: current.json (the export "
+        "to serve) and history/ (every decision). The last stdout line is the current "
+        "export URL.",
+    )
+    rsub = p.add_subparsers(dest="release_command", required=True, metavar="action")
+    for name, help_, fn in (
+        ("show", "the current release (its export URL last)", _cmd_release_show),
+        (
+            "history",
+            "every decision, oldest first (the current export URL last)",
+            _cmd_release_history,
+        ),
+        ("promote", "make an export the current release by hand (rollback)", _cmd_release_promote),
+    ):
+        rp = rsub.add_parser(name, help=help_, description=help_)
+        rp.add_argument("name", help="release name (the run form's release.name)")
+        rp.add_argument(
+            "--store", default="", help="artifact root (default: $EAGLE_PIPELINE_STORE)"
+        )
+        rp.set_defaults(fn=fn)
+        if name == "promote":
+            rp.add_argument("--export", required=True, help="export artifact URL to serve")
+            rp.add_argument("--reason", default="", help="recorded in the history entry")
 
     p = sub.add_parser("run", help="run the retrain flow (the whole DAG)")
     p.add_argument("--config", default="", help="pipeline.yaml (sections of flows.params)")

@@ -1,7 +1,7 @@
 """The parameters of the `retrain` flow: the run form of the Prefect UI.
 
 One pydantic section per stage, in DAG order (data, regenerate, tokenize, vocab, extract,
-train, export, evaluate, storage). A field's `description` is the help line under it in the
+train, export, evaluate, release, storage). A field's `description` is the help line under it in the
 form, `Literal` fields are selects, `ge`/`le` limits are enforced by the form itself. Each
 section turns into its stage's frozen `eagle_core` config in one method; tasks only ever see
 that dataclass, so wording in this file never changes a content key.
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without
     from eagle_core.export import ExportConfig
     from eagle_core.extract import ExtractConfig
     from eagle_core.regenerate import RegenerateConfig
+    from eagle_core.release import ReleaseConfig
     from eagle_core.tokenize import TokenizeConfig
     from eagle_core.train import TrainConfig
     from eagle_core.vocab import VocabConfig
@@ -319,12 +320,19 @@ class ExportParams(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Weight dtype of the exported draft"
     )
+    include_embeddings: bool | None = Field(
+        None,
+        description="Also write embed_tokens.weight (a copy of the target's); default: "
+        "yes for speculators (its own loader needs them), no for the other layouts",
+    )
 
     def export_config(self, draft_kind: Literal["eagle3", "eagle1"], target: str) -> ExportConfig:
         from eagle_core.export import ExportConfig
 
         fmt = draft_kind if self.format == "auto" else self.format
-        return ExportConfig(format=fmt, dtype=self.dtype, target=target)
+        return ExportConfig(
+            format=fmt, dtype=self.dtype, target=target, include_embeddings=self.include_embeddings
+        )
 
 
 class EvalParams(_Section):
@@ -352,6 +360,28 @@ class EvalParams(_Section):
             max_prompts=self.max_prompts,
             max_new_tokens=self.max_new_tokens,
         )
+
+
+class ReleaseParams(_Section):
+    """Release: promote the new draft under a name only when it beats the current one."""
+
+    # defaults = eagle_core.release.ReleaseConfig's (tests/flows/test_flow_params.py checks)
+    enabled: bool = Field(
+        True, description="Compare with the current release; promote only a draft as good"
+    )
+    name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Release name: <root>/releases/<name>/current.json names the export to serve",
+    )
+    tolerance: float = Field(
+        0.1, ge=0.0, le=10.0, description="Promote when tau_new >= tau_current - tolerance"
+    )
+
+    def release_config(self) -> ReleaseConfig:
+        from eagle_core.release import ReleaseConfig
+
+        return ReleaseConfig(name=self.name, tolerance=self.tolerance)
 
 
 class StorageParams(_Section):
@@ -420,6 +450,9 @@ class PipelineParams(_Section):
     )
     evaluate: EvalParams = Field(
         default_factory=EvalParams, description="Speculative decoding evaluation"
+    )
+    release: ReleaseParams = Field(
+        default_factory=ReleaseParams, description="Promotion of the draft a serving job uses"
     )
     storage: StorageParams = Field(
         default_factory=StorageParams,

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
+from prefect.states import Completed
 
 from flows.params import (
     DEMO,
@@ -33,6 +34,7 @@ from flows.params import (
     ExtractParams,
     PipelineParams,
     RegenerateParams,
+    ReleaseParams,
     Stage,
     StorageParams,
     TokenizeParams,
@@ -48,6 +50,7 @@ from tasks.evaluate import tau_of
 from tasks.export import export as export_task
 from tasks.extract_hidden import extract_hidden
 from tasks.regenerate import regenerate as regenerate_task
+from tasks.release import release as release_task
 from tasks.scan_vocab import scan_vocab
 from tasks.tokenize import tokenize as tokenize_task
 from tasks.train import train as train_task
@@ -65,6 +68,8 @@ class RetrainResult:
     cached: dict[str, bool] = field(default_factory=dict)  # stage -> every ref was reused
     export_url: str = ""
     tau: float | None = None
+    # the release stage's decision (eagle_core.release.ReleaseOutcome.to_dict()); None: off
+    release: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +77,7 @@ class RetrainResult:
             "cached": self.cached,
             "export_url": self.export_url,
             "tau": self.tau,
+            "release": self.release,
         }
 
 
@@ -296,6 +302,25 @@ def run_pipeline(params: PipelineParams) -> RetrainResult:
         "evaluate": [evaluated],
     }
     result = RetrainResult(export_url=exported.url, tau=tau_of(evaluated))
+    if p.release.enabled:
+        # the current release is measured with exactly the settings `evaluated` was made with
+        eval_cfg = p.evaluate.eval_config(
+            target=inputs.target, tokenizer=inputs.tokenizer, prompts=[r.url for r in heldout]
+        )
+        result.release = release_task(
+            exported,
+            evaluated,
+            eval_cfg,
+            p.release.release_config(),
+            store_url,
+            provenance={k: v for k, v in refs.items() if k not in ("export", "evaluate")},
+        )
+        (log.warning if result.release["action"] in ("keep", "refuse") else log.info)(
+            "retrain: release %s: %s; serving %s",
+            result.release["name"],
+            result.release["reason"],
+            result.release["export_url"] or "(no release)",
+        )
     for stage, stage_refs in refs.items():
         if not stage_refs:
             continue
@@ -333,11 +358,13 @@ def retrain(
     train: TrainParams = TrainParams(),  # noqa: B008
     export: ExportParams = ExportParams(),  # noqa: B008
     evaluate: EvalParams = EvalParams(),  # noqa: B008
+    release: ReleaseParams = ReleaseParams(),  # noqa: B008
     storage: StorageParams = StorageParams(),  # noqa: B008
     quick: bool = False,
     force: list[Stage] | None = None,
-) -> dict[str, Any]:
-    """Retrain the draft model end to end: data, hidden states, training, export, evaluation.
+) -> Any:
+    """Retrain the draft model end to end: data, hidden states, training, export, evaluation,
+    release.
 
     Args:
         target: Target model: a local HF dir, a Hub name, an artifact URL, or 'demo'.
@@ -350,9 +377,14 @@ def retrain(
         train: Draft model, TTT, optimizer and DeepSpeed.
         export: Serving checkpoint layout.
         evaluate: Speculative decoding evaluation.
+        release: Promotion of the draft a serving job uses (only when it is as good).
         storage: Artifact root (credentials come from the worker's environment).
         quick: Quick preset: a few steps everywhere (smoke test).
         force: Stages to recompute even if their artifacts exist.
+
+    Returns:
+        `RetrainResult.to_dict()`, in a Completed state whose message is the release
+        decision ("kept the current release: τ 3.10 < 3.40 − 0.1"), shown with the run.
     """
     params = PipelineParams(
         target=target,
@@ -365,11 +397,17 @@ def retrain(
         train=train,
         export=export,
         evaluate=evaluate,
+        release=release,
         storage=storage,
         quick=quick,
         force=force or [],
     )
-    return run_pipeline(params).to_dict()
+    result = run_pipeline(params).to_dict()
+    decision = result["release"]
+    if decision is None:
+        return result
+    # calling the flow still returns the dict; the run's state carries the decision
+    return Completed(message=f"release {decision['name']}: {decision['reason']}", data=result)
 
 
 @flow(name="prepare-data", validate_parameters=True)

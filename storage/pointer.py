@@ -31,7 +31,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,35 +88,50 @@ class PointerLog:
         return p if self.store.is_local else self.store.fs.unstrip_protocol(p)
 
     # ---- reading -----------------------------------------------------------------------
-    def entries(self) -> list[dict[str, Any]]:
-        """Every entry, oldest first (by id). An unreadable file is skipped with a warning:
-        entries are put atomically, so it is a foreign or damaged file, not a torn write."""
+    def _paths(self) -> list[str]:
+        """History files, oldest first (names sort by time); temp and foreign files skipped."""
         try:
             paths = self.store.fs.ls(self.history_dir, detail=False)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        out = []
-        for p in sorted(paths, key=lambda s: s.rsplit("/", 1)[-1]):
-            name = p.rsplit("/", 1)[-1]
-            if name.startswith(".") or not name.endswith(".json"):
-                continue  # a writer's temp file (local roots) or anything foreign
-            try:
-                doc = json.loads(self.store._read_bytes(p))
-            except FileNotFoundError:
-                continue
-            except ValueError as exc:
-                log.warning("ignoring unreadable pointer entry %s (%s)", redact_url(p), exc)
-                continue
-            if not isinstance(doc, dict) or doc.get("id") != name[: -len(".json")]:
-                log.warning("ignoring pointer entry %s: its id does not match", redact_url(p))
-                continue
-            out.append(doc)
-        return out
+        names = [(p.rsplit("/", 1)[-1], p) for p in paths]
+        # a writer's temp file (local roots) starts with '.'; anything else foreign is not JSON
+        return [p for n, p in sorted(names) if not n.startswith(".") and n.endswith(".json")]
+
+    def _read_entry(self, p: str) -> dict[str, Any] | None:
+        """One entry, or None (with a warning) for a file that is not one: entries are put
+        atomically, so an unreadable file is foreign or damaged, not a torn write."""
+        name = p.rsplit("/", 1)[-1]
+        try:
+            doc = json.loads(self.store._read_bytes(p))
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            log.warning("ignoring unreadable pointer entry %s (%s)", redact_url(p), exc)
+            return None
+        if not isinstance(doc, dict) or doc.get("id") != name[: -len(".json")]:
+            log.warning("ignoring pointer entry %s: its id does not match", redact_url(p))
+            return None
+        return doc
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, oldest first (by id)."""
+        return [e for p in self._paths() if (e := self._read_entry(p)) is not None]
+
+    def last(self) -> dict[str, Any] | None:
+        """The newest entry, selected or not (None: empty log)."""
+        return next(self._newest_first(), None)
 
     def newest(self) -> dict[str, Any] | None:
-        """The newest entry `select` takes (None: none yet)."""
-        chosen = [e for e in self.entries() if self.select(e)]
-        return chosen[-1] if chosen else None
+        """The newest entry `select` takes (None: none yet); reads back from the end only
+        as far as that entry."""
+        return next((e for e in self._newest_first() if self.select(e)), None)
+
+    def _newest_first(self) -> Iterator[dict[str, Any]]:
+        for p in reversed(self._paths()):
+            e = self._read_entry(p)
+            if e is not None:
+                yield e
 
     def read_head(self) -> Head:
         """The head file and the log's newest selected entry (one listing, one read)."""

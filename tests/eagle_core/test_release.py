@@ -184,6 +184,11 @@ def test_release_stage(small_target_dir, small_tokenizer_dir, tmp_path):
     assert entry["action"] == "keep" and entry["compared_with"]["tau"] == first.new.tau
     assert entry["compared_with"]["per_position_acceptance"][0] == 1.0
 
+    assert kept.recorded
+    again = run(bad, on(t1))  # the same pair measured the same: already decided, not repeated
+    assert again.decision == kept.decision and not again.recorded
+    assert again.entry["id"] == entry["id"] and len(history(store, "default")) == 2
+
     # 3. the current release itself again: nothing to decide, nothing recorded
     same = run(d1, on(t1))
     assert same.decision.action == "unchanged" and len(history(store, "default")) == 2

@@ -16,6 +16,7 @@ from flows.params import (
     ExtractParams,
     PipelineParams,
     RegenerateParams,
+    ReleaseParams,
     StorageParams,
     TokenizeParams,
     TrainParams,
@@ -33,6 +34,7 @@ SECTIONS = [
     TrainParams,
     ExportParams,
     EvalParams,
+    ReleaseParams,
     StorageParams,
 ]
 
@@ -52,6 +54,7 @@ def test_sections_are_in_dag_order_with_docstrings():
         "train",
         "export",
         "evaluate",
+        "release",
         "storage",
     ]
     for section in SECTIONS:
@@ -183,6 +186,23 @@ def test_sections_convert_to_core_configs():
     assert rc.fim_order == "spm" and rc.tokenizer is None
     quick = demo_target_config(True)
     assert quick.num_layers >= 8 and quick.hidden_size < demo_target_config(False).hidden_size
+
+
+def test_release_section_converts_and_refuses_unusable_names():
+    from eagle_core.release import ReleaseConfig
+
+    assert ReleaseParams().release_config() == ReleaseConfig()  # the core's defaults
+    rc = ReleaseParams(name="llama-8b.chat", tolerance=0.0).release_config()
+    assert (rc.name, rc.tolerance) == ("llama-8b.chat", 0.0)
+    for bad in ("", "../x", "a/b", "-x"):
+        with pytest.raises(ValidationError, match="name"):
+            ReleaseParams(name=bad)
+    with pytest.raises(ValidationError, match="tolerance"):
+        ReleaseParams(tolerance=-0.1)
+    schema = PipelineParams.model_json_schema()
+    assert list(schema["properties"]).index("release") == (
+        list(schema["properties"]).index("evaluate") + 1
+    )
 
 
 def test_form_defaults_are_the_core_defaults():

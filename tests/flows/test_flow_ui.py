@@ -67,7 +67,7 @@ def test_ui_serves_the_retrain_run_form(tmp_path):
         assert dep["name"] == "retrain"
         schema = dep["parameter_openapi_schema"]
         props = schema["properties"]
-        assert list(props)[:13] == [
+        assert list(props)[:14] == [
             "target",
             "tokenizer",
             "data",
@@ -78,6 +78,7 @@ def test_ui_serves_the_retrain_run_form(tmp_path):
             "train",
             "export",
             "evaluate",
+            "release",
             "storage",
             "quick",
             "force",

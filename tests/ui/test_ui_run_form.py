@@ -236,6 +236,7 @@ SECTIONS = (
     "train",
     "export",
     "evaluate",
+    "release",
     "storage",
 )  # DAG order
 RUN_TIMEOUT_S = 900.0  # the quick preset on the quick demo target takes ~2-4 min on 2 cores
