@@ -4,7 +4,9 @@ Output artifact `<root>/build_demo_target/<key>/`:
 
 - `tokenizer/`: HF tokenizer dir (byte-level BPE, ChatML template with generation markers,
   FIM tokens of `cfg.fim_family`; see eagle_core/demo/tokenizer.py for the conventions);
-- `model/`: HF `LlamaForCausalLM` dir (`config.json` + `model.safetensors`);
+- `model/`: a complete HF model dir: `LlamaForCausalLM` (`config.json`, `model.safetensors`,
+  `generation_config.json` whose eos list is `<|endoftext|>` and `<|im_end|>`) plus a copy of
+  the tokenizer files, so `vllm serve <artifact>/model` and any HF tool load it alone;
 - `data/`: `chat_sharegpt.{train,heldout}.jsonl`, `chat_openai.{train,heldout}.jsonl`,
   `fim.{train,heldout}.jsonl` (`id, prefix, middle, suffix`), `files.{train,heldout}.jsonl`
   (`content, path`), drawn from disjoint stdlib modules (split by module-name hash);
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -42,14 +45,16 @@ from eagle_core.demo.corpus import (
     to_sharegpt,
 )
 from eagle_core.demo.lm import LMShape, build_llama, evaluate_lm, pack_blocks, train_lm
-from eagle_core.demo.tokenizer import FIM_FAMILIES, FimFamily, build_tokenizer
+from eagle_core.demo.tokenizer import FIM_FAMILIES, IM_END, FimFamily, build_tokenizer
 from eagle_core.errors import ConfigError, DataError
 from storage import ArtifactStore, StageRef
 
 log = logging.getLogger(__name__)
 
 STAGE = "build_demo_target"
-CODE_VERSION = "4"  # 2: pool capped per kind; 3: no repeated FIM spans; 4: shorter FIM, 300 steps
+# 2: pool capped per kind; 3: no repeated FIM spans; 4: shorter FIM, 300 steps;
+# 5: model/ is a complete HF model dir (tokenizer files, <|im_end|> also an eos)
+CODE_VERSION = "5"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -456,7 +461,7 @@ def build_demo_target(
             metrics["heldout_fim_middle_accuracy"],
             metrics["heldout_fim_exact_match"],
         )
-        model.save_pretrained(model_dir, safe_serialization=True)
+        save_model_dir(model, tokenizer, tok_dir, model_dir)
         tokenizer_hash = _dir_hash(tok_dir)
         with store.publish(STAGE, key, params=params, force=force) as w:
             w.add_dir(tok_dir, prefix="tokenizer")
@@ -512,6 +517,25 @@ def all_cores():
         torch.set_num_threads(before)
 
 
+def save_model_dir(model, tokenizer, tok_dir: str, model_dir: str) -> None:
+    """Write `model` as a complete HF model directory: weights, config, generation config
+    and a copy of the tokenizer files (engines such as `vllm serve DIR` and AutoTokenizer
+    read the tokenizer from the model dir; `tokenizer/` stays for the pipeline's own use).
+
+    The generation config stops at `<|im_end|>` as well as `<|endoftext|>`: the chat
+    template ends an assistant turn with `<|im_end|>`, and engines take their stop tokens
+    from this list (like Qwen's chat models), so chat generations end with the turn.
+    """
+    eos = [int(tokenizer.eos_token_id)]
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in eos:
+        eos.append(int(im_end))
+    model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
+    model.save_pretrained(model_dir, safe_serialization=True)
+    for name in sorted(os.listdir(tok_dir)):
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(model_dir, name))
+
+
 def _capped_texts(texts: Sequence[str], max_chars: int) -> list[str]:
     out, n = [], 0
     for t in texts:
@@ -557,11 +581,14 @@ def build_small_target(
     vocab_size: int = 1024,
     fim_family: FimFamily = "starcoder",
     train_model: bool = True,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
 ) -> tuple[str, str]:
     """A tokenizer (~1k vocab) and an 8-layer H=64 Llama trained briefly, for tests.
 
     Built in a few seconds from a handful of stdlib modules; not cached, not published.
-    Returns (tokenizer_dir, model_dir) under out_dir.
+    `num_heads=2, num_kv_heads=1` gives head dim 32, the smallest vLLM's CPU attention runs
+    (the default 4 heads have head dim 16). Returns (tokenizer_dir, model_dir) under out_dir.
     """
     from transformers import AutoTokenizer
 
@@ -572,8 +599,8 @@ def build_small_target(
     shape = LMShape(
         hidden_size=64,
         num_layers=8,
-        num_heads=4,
-        num_kv_heads=2,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         intermediate_size=128,
         max_position_embeddings=1024,
     )
@@ -619,5 +646,5 @@ def build_small_target(
             show_bar=False,
         )
     model.eval()
-    model.save_pretrained(model_dir, safe_serialization=True)
+    save_model_dir(model, tokenizer, tok_dir, model_dir)
     return tok_dir, model_dir

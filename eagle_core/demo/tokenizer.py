@@ -162,6 +162,11 @@ def build_tokenizer(
     with open(cfg_path) as fh:
         tok_cfg = json.load(fh)
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # transformers 5 keeps the template in chat_template.jinja and the specials under
+    # extra_special_tokens; older readers look for both in tokenizer_config.json under these
+    # names (5.x loads either and gets the same template and specials)
+    tok_cfg["chat_template"] = CHAT_TEMPLATE
+    tok_cfg.setdefault("additional_special_tokens", [IM_START, IM_END, *fim.specials()])
     with open(cfg_path, "w") as fh:
         json.dump(tok_cfg, fh, indent=2, sort_keys=True)
     # Record the FIM family next to the tokenizer so tools need not guess from the vocab.

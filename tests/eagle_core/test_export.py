@@ -146,7 +146,10 @@ def test_speculators_layout(tmp_path) -> None:
     export_state_dict(draft.state_dict(), draft.cfg, target.config, cfg, str(tmp_path))
     config, tensors = _read(str(tmp_path))
     want = {k.replace("midlayer.", "layers.0."): v for k, v in EAGLE3_KEYS.items()}
+    # embeddings by default in this layout: speculators' own loader has no other source
+    want["embed_tokens.weight"] = ([V, H], torch.bfloat16)
     assert {k: (list(t.shape), t.dtype) for k, t in tensors.items()} == want
+    assert torch.equal(tensors["embed_tokens.weight"], draft.embed_tokens.weight.bfloat16())
     assert config["architectures"] == ["Eagle3Speculator"]
     assert config["speculators_model_type"] == "eagle3"
     sc = config["speculators_config"]
@@ -160,6 +163,48 @@ def test_speculators_layout(tmp_path) -> None:
     assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
     flags = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
     assert {f: config[f] for f in flags} == dict.fromkeys(flags, False)
+
+
+def test_include_embeddings_defaults_per_layout() -> None:
+    assert ExportConfig(format="speculators").include_embeddings is True
+    assert ExportConfig(format="eagle3").include_embeddings is False
+    assert ExportConfig(format="eagle1").include_embeddings is False
+    assert ExportConfig(format="speculators", include_embeddings=False).include_embeddings is False
+    assert ExportConfig(format="eagle3", include_embeddings=True).include_embeddings is True
+    # the resolved bool is the key's: the eagle3 default keys as it did before (False)
+    assert ExportConfig() == ExportConfig(include_embeddings=False)
+
+
+def test_speculators_verifier_is_the_target_model_dir(
+    tmp_path, small_target_dir, monkeypatch
+) -> None:
+    """The verifier is written as the directory holding the target's config.json: an artifact
+    URL or artifact dir becomes its model/ (an artifact root has no config.json, and vLLM /
+    speculators load the verifier from this path); Hub names stay as given."""
+    import shutil
+
+    from eagle_core.export import verifier_path
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    with store.publish("build_demo_target", "t") as w:
+        w.add_dir(small_target_dir, prefix="model")
+    url = store.url("build_demo_target", "t")
+    model_dir = os.path.join(store.path("build_demo_target", "t"), "model")
+    assert verifier_path(url) == model_dir
+    assert verifier_path(store.path("build_demo_target", "t")) == model_dir
+    assert os.path.isfile(os.path.join(verifier_path(url), "config.json"))
+    local = tmp_path / "target"
+    shutil.copytree(small_target_dir, local)
+    monkeypatch.chdir(tmp_path)
+    assert verifier_path("target") == str(local)  # relative: made absolute
+    assert verifier_path("org/target") == "org/target"
+    target = _target()
+    draft = _draft(target)
+    cfg = ExportConfig(format="speculators", target=url)
+    export_state_dict(draft.state_dict(), draft.cfg, target.config, cfg, str(tmp_path / "e"))
+    config, _ = _read(str(tmp_path / "e"))
+    assert config["speculators_config"]["verifier"]["name_or_path"] == model_dir
+    assert config["eagle_pipeline"]["target"] == url  # our own block keeps the reference
 
 
 def test_eagle1_layout(tmp_path) -> None:
