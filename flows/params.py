@@ -322,8 +322,7 @@ class ExportParams(_Section):
     )
     include_embeddings: bool | None = Field(
         None,
-        description="Also write embed_tokens.weight (a copy of the target's); default: "
-        "yes for speculators (its own loader needs them), no for the other layouts",
+        description="Also write embed_tokens.weight; default: yes for speculators only",
     )
 
     def export_config(self, draft_kind: Literal["eagle3", "eagle1"], target: str) -> ExportConfig:
