@@ -178,3 +178,38 @@ def test_scan_vocab_target_vocab_size(records_url, capsys, small_tokenizer_dir):
     err = _fails(capsys, "scan-vocab", "--store", root, "--tokens", tokens,
                  "--target-vocab-size", "0")  # fmt: skip
     assert "target_vocab_size" in err
+
+
+def test_export_include_embeddings_flag(tmp_path, capsys, small_target_dir):
+    """--include-embeddings / --no-include-embeddings reach ExportConfig; without either the
+    layout decides (speculators: yes, eagle3: no)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from eagle_core.draft import DraftConfig, build_draft
+    from eagle_core.models import load_target
+
+    root = str(tmp_path / "store")
+    store = ArtifactStore(root)
+    model = load_target(small_target_dir)
+    torch.manual_seed(0)
+    cfg = DraftConfig.from_target_config(model.config, draft_vocab_size=256)
+    draft = build_draft(cfg, target_model=model)
+    with store.publish("train", "run") as w:
+        w.write_file("final/draft.safetensors", lambda p: save_file(dict(draft.state_dict()), p))
+        w.write_json("final/draft_config.json", cfg.to_dict())
+        w.meta.update(target=small_target_dir)
+    base = ["export", "--store", root, "--train", store.url("train", "run")]
+
+    def embeds(*extra: str) -> bool:
+        url = _run(capsys, *base, *extra)
+        s, stage, key = ArtifactStore.for_url(url)
+        path = s.local_copy(s.ref(stage, key), "model.safetensors", str(tmp_path / key))
+        with safe_open(path, framework="pt") as fh:
+            return "embed_tokens.weight" in fh.keys()  # noqa: SIM118
+
+    assert embeds() is False  # eagle3 default
+    assert embeds("--include-embeddings") is True
+    assert embeds("--format", "speculators") is True  # the speculators default
+    assert embeds("--format", "speculators", "--no-include-embeddings") is False
