@@ -4,7 +4,8 @@ A target reference is a string, one of:
 
 - a local directory holding an HF model (`config.json`) or tokenizer;
 - an artifact URL `<root>/build_demo_target/<key>` (any fsspec root): the model is its
-  `model/` sub-directory, the tokenizer its `tokenizer/`;
+  `model/` sub-directory, the tokenizer its `tokenizer/`; or `<root>/import_target/<key>` (a
+  GGUF file imported by eagle_core.import_target): model and tokenizer are its `model/`;
 - a Hub name (`org/name`): passed to `from_pretrained` as is. Offline runs
   (`HF_HUB_OFFLINE=1`) load it from the local HF cache or fail with a clear error.
 
@@ -30,6 +31,10 @@ from storage.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 DEMO_STAGE = "build_demo_target"
+# `<root>/import_target/<key>`: a GGUF file imported as one HF dir, `model/` (its tokenizer
+# files included: serving engines load a target from one directory)
+IMPORT_STAGE = "import_target"
+TARGET_STAGES = (DEMO_STAGE, IMPORT_STAGE)
 Dtype = Literal["float32", "bfloat16", "float16"]
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -61,9 +66,10 @@ _CACHE: dict[str, str] = {}
 
 
 def is_artifact_url(ref: str) -> bool:
-    """True for `<root>/build_demo_target/<key>` (with or without a trailing slash)."""
+    """True for `<root>/build_demo_target/<key>` or `<root>/import_target/<key>` (with or
+    without a trailing slash)."""
     parts = ref.rstrip("/").rsplit("/", 2)
-    return len(parts) == 3 and parts[1] == DEMO_STAGE
+    return len(parts) == 3 and parts[1] in TARGET_STAGES
 
 
 def resolve_model_dir(ref_or_path: str, sub: str = "model") -> str:
@@ -110,6 +116,8 @@ def resolve_model_dir(ref_or_path: str, sub: str = "model") -> str:
 
 def _artifact_dir(url: str, sub: str) -> str:
     store, stage, key = ArtifactStore.for_url(url.rstrip("/"))
+    if stage == IMPORT_STAGE:
+        sub = "model"  # tokenizer files sit next to the weights
     if not store.is_done(stage, key):
         raise ArtifactError(
             f"demo target {url} has no manifest (never built or still building)",

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the core configs, imported lazily so the form loads without
 
 STAGES = (
     "build_demo_target",
+    "import_target",
     "download",
     "regenerate",
     "tokenize",
@@ -42,6 +43,7 @@ STAGES = (
 )
 Stage = Literal[
     "build_demo_target",
+    "import_target",
     "download",
     "regenerate",
     "tokenize",
@@ -425,9 +427,15 @@ class PipelineParams(_Section):
     """Everything one `retrain` run takes (the CLI's `--config pipeline.yaml`)."""
 
     target: str = Field(
-        DEMO, description="Target model: local dir, Hub name, artifact URL, or 'demo'"
+        DEMO,
+        description="Target model: local dir, Hub name, artifact URL, a .gguf file "
+        "(imported first), or 'demo'",
     )
     tokenizer: str = Field("", description="Tokenizer (empty: the target's own)")
+    target_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16",  # = eagle_core.import_target.ImportTargetConfig.dtype (why: there)
+        description="A .gguf target's dequantized weights (bfloat16: what engines serve)",
+    )
     data: DataParams = Field(
         default_factory=DataParams, description="Datasets, sample cap and seed"
     )

@@ -1,7 +1,7 @@
 """The `retrain` flow: the whole DAG, and the stage-group flows that run parts of it.
 
 ```
-[build_demo_target] -> download (per dataset, parallel) -> [regenerate] -> tokenize (parallel)
+[build_demo_target | import_target] -> download (per dataset, parallel) -> [regenerate] -> tokenize
     -> scan_vocab (eagle3) -> extract_hidden (offline; per dataset, parallel)
     -> train -> export -> evaluate
 ```
@@ -49,6 +49,7 @@ from tasks.evaluate import evaluate as evaluate_task
 from tasks.evaluate import tau_of
 from tasks.export import export as export_task
 from tasks.extract_hidden import extract_hidden
+from tasks.import_target import import_target
 from tasks.regenerate import regenerate as regenerate_task
 from tasks.release import release as release_task
 from tasks.scan_vocab import scan_vocab
@@ -94,8 +95,19 @@ class _Inputs:
 def _resolve_inputs(
     p: PipelineParams, store_url: str, force: set[str]
 ) -> tuple[_Inputs, StageRef | None]:
-    """`target: demo` builds (or reuses) the demo target and takes its data files."""
+    """`target: demo` builds (or reuses) the demo target and takes its data files; a `.gguf`
+    target is imported first (import_target) and its artifact is the target from then on."""
     user_heldout = [DatasetSpec(path=x, kind="auto") for x in p.evaluate.prompts]
+    from eagle_core.import_target import ImportTargetConfig, is_gguf_ref
+
+    if is_gguf_ref(p.target):
+        imported = import_target(
+            ImportTargetConfig(gguf=p.target, dtype=p.target_dtype),
+            store_url,
+            force="import_target" in force,
+        )
+        tokenizer = p.tokenizer or imported.url
+        return _Inputs(imported.url, tokenizer, list(p.data.datasets), user_heldout), imported
     if p.target != DEMO:
         inputs = _Inputs(p.target, p.tokenizer or p.target, list(p.data.datasets), user_heldout)
         return inputs, None
@@ -292,7 +304,8 @@ def run_pipeline(params: PipelineParams) -> RetrainResult:
     ]
 
     refs: dict[str, list[StageRef]] = {
-        "build_demo_target": [demo] if demo else [],
+        "build_demo_target": [demo] if demo and demo.stage == "build_demo_target" else [],
+        "import_target": [demo] if demo and demo.stage == "import_target" else [],
         **data_refs,
         "tokenize": tokens,
         "scan_vocab": [vocab] if vocab else [],
@@ -350,6 +363,7 @@ def _results(futures: list[PrefectFuture]) -> list[StageRef]:
 def retrain(
     target: str = DEMO,
     tokenizer: str = "",
+    target_dtype: Literal["bfloat16", "float32"] = "bfloat16",
     data: DataParams = DataParams(),  # noqa: B008 - frozen pydantic sections are immutable
     regenerate: RegenerateParams = RegenerateParams(),  # noqa: B008
     tokenize: TokenizeParams = TokenizeParams(),  # noqa: B008
@@ -367,8 +381,10 @@ def retrain(
     release.
 
     Args:
-        target: Target model: a local HF dir, a Hub name, an artifact URL, or 'demo'.
+        target: Target model: a local HF dir, a Hub name, an artifact URL, a .gguf file
+            (imported first), or 'demo'.
         tokenizer: Tokenizer of the target (empty: the target's own).
+        target_dtype: A .gguf target's dequantized weights (bfloat16: what engines serve).
         data: Datasets, sample cap and seed.
         regenerate: On-policy regeneration of answers by the target.
         tokenize: Chat / FIM rendering and truncation.
@@ -389,6 +405,7 @@ def retrain(
     params = PipelineParams(
         target=target,
         tokenizer=tokenizer,
+        target_dtype=target_dtype,
         data=data,
         regenerate=regenerate,
         tokenize=tokenize,
