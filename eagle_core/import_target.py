@@ -9,13 +9,14 @@ Output artifact `<root>/import_target/<key>/`:
   `tokenizer_config.json` with the file's chat template (`tokenizer.chat_template`);
 - `import_target.json`: the source file, its fingerprint and what was found (also in meta).
 
-The key hashes the dtype and the file's content (size + full sha256, not its path or mtime:
-a copied or touched file is the same target). A GGUF is large, so the sha256 is computed once
-per (path, size, mtime_ns): the artifact's manifest records all four in its fingerprint, and a
-re-run whose file still has that size and mtime_ns takes the recorded sha256 instead of reading
-the file again (`hash_seconds` = 0 in the log). Files up to `storage.fingerprint.FULL_HASH_BYTES`
-are hashed every time (it costs milliseconds). An in-place rewrite keeping size AND mtime_ns
-(e.g. a copy that preserves the timestamp) is not detected: `force=["import_target"]` redoes it.
+The key hashes the dtype and the file's content (size + full sha256 + base name, not its
+directory or mtime: a copied or touched file is the same target). A GGUF is large, so its sha256
+is not recomputed on every run: the artifact's manifest records path, size, mtime_ns and sha256
+in its fingerprint, and a re-run whose file has the same path, size and mtime_ns as the LAST
+import with this dtype (the store's `_latest` index) takes the recorded sha256 instead of
+reading the file (~0.3 s/GB here, so a miss costs little next to the conversion). Files up to
+`storage.fingerprint.FULL_HASH_BYTES` (16 MiB) are hashed every time. An in-place rewrite that
+keeps size AND mtime_ns (a copy preserving timestamps) is not noticed: `force` redoes it.
 
 transformers reads the GGUF (`from_pretrained(dir, gguf_file=name)`, needs the `gguf` and
 `accelerate` packages: `pip install -e '.[gguf]'`) and undoes llama.cpp's layout changes (the

@@ -101,6 +101,12 @@ def resolve_model_dir(ref_or_path: str, sub: str = "model") -> str:
         if not os.path.exists(os.path.join(local, "config.json")) and os.path.isdir(inner):
             return os.path.abspath(inner)
         return os.path.abspath(local)
+    if ref.lower().endswith(".gguf"):
+        raise ConfigError(
+            f"target {ref!r} is a GGUF file; the stages load a HF model directory",
+            fix="import it first (`eagle-pipeline import-target --gguf FILE`; the retrain "
+            "flow does it for a .gguf target) and pass the artifact URL it prints",
+        )
     if "://" not in ref and (ref.startswith(("/", ".", "~")) or ref.count("/") > 1):
         raise ConfigError(
             f"target {ref!r} looks like a local path but is not a directory",

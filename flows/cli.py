@@ -90,6 +90,13 @@ def _store(ns: argparse.Namespace) -> Any:
 
 
 # ---- stage commands -------------------------------------------------------------------------
+def _cmd_import_target(ns: argparse.Namespace) -> str:
+    from eagle_core.import_target import ImportTargetConfig, import_target
+
+    cfg = ImportTargetConfig(gguf=ns.gguf, dtype=ns.dtype)
+    return import_target(_store(ns), cfg, force=ns.force).url
+
+
 def _cmd_build_demo_target(ns: argparse.Namespace) -> str:
     from eagle_core.demo import build_demo_target
     from flows.params import demo_target_config
@@ -468,6 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_build_demo_target,
     )
     p.add_argument("--quick", action="store_true", help="a tiny target in seconds (tests)")
+
+    p = stage(
+        "import-target",
+        "dequantize a GGUF file into a HF model dir (its artifact URL is a --target)",
+        _cmd_import_target,
+    )
+    p.add_argument("--gguf", required=True, help="local .gguf file")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
 
     p = stage("download", "read, validate and normalize datasets into records", _cmd_download)
     p.add_argument(
