@@ -363,7 +363,6 @@ def _results(futures: list[PrefectFuture]) -> list[StageRef]:
 def retrain(
     target: str = DEMO,
     tokenizer: str = "",
-    target_dtype: Literal["bfloat16", "float32"] = "bfloat16",
     data: DataParams = DataParams(),  # noqa: B008 - frozen pydantic sections are immutable
     regenerate: RegenerateParams = RegenerateParams(),  # noqa: B008
     tokenize: TokenizeParams = TokenizeParams(),  # noqa: B008
@@ -376,6 +375,7 @@ def retrain(
     storage: StorageParams = StorageParams(),  # noqa: B008
     quick: bool = False,
     force: list[Stage] | None = None,
+    target_dtype: Literal["bfloat16", "float32"] = "bfloat16",
 ) -> Any:
     """Retrain the draft model end to end: data, hidden states, training, export, evaluation,
     release.
@@ -384,7 +384,6 @@ def retrain(
         target: Target model: a local HF dir, a Hub name, an artifact URL, a .gguf file
             (imported first), or 'demo'.
         tokenizer: Tokenizer of the target (empty: the target's own).
-        target_dtype: A .gguf target's dequantized weights (bfloat16: what engines serve).
         data: Datasets, sample cap and seed.
         regenerate: On-policy regeneration of answers by the target.
         tokenize: Chat / FIM rendering and truncation.
@@ -397,6 +396,7 @@ def retrain(
         storage: Artifact root (credentials come from the worker's environment).
         quick: Quick preset: a few steps everywhere (smoke test).
         force: Stages to recompute even if their artifacts exist.
+        target_dtype: A .gguf target's dequantized weights (bfloat16: what engines serve).
 
     Returns:
         `RetrainResult.to_dict()`, in a Completed state whose message is the release
