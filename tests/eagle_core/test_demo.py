@@ -179,6 +179,16 @@ def test_build_demo_target_deterministic_cached_and_loadable(tmp_path) -> None:
     assert model.config.vocab_size == len(tok) == 600
     assert model.config.num_hidden_layers == 2
     assert os.path.isfile(os.path.join(root, "model", "model.safetensors"))
+    # model/ is complete on its own (`vllm serve <artifact>/model`, HF tools): the same
+    # tokenizer and chat template, and chat turns end generation
+    model_dir = os.path.join(root, "model")
+    tok_m = AutoTokenizer.from_pretrained(model_dir)
+    assert tok_m.get_vocab() == tok.get_vocab() and tok_m.chat_template == tok.chat_template
+    assert tok_m.eos_token == "<|endoftext|>" and tok_m.pad_token == "<|pad|>"
+    with open(os.path.join(model_dir, "tokenizer_config.json")) as fh:
+        assert json.load(fh)["chat_template"] == tok.chat_template  # older readers look here
+    eos = model.generation_config.eos_token_id
+    assert tok_m.convert_ids_to_tokens(eos) == ["<|endoftext|>", "<|im_end|>"]
 
     # a second build elsewhere: same tokenizer and data bytes, same model up to float noise
     store_b = ArtifactStore(str(tmp_path / "b"))
