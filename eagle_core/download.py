@@ -19,6 +19,10 @@ subset for the fraction (0.5 keeps half, 2.0 repeats every row twice). With `shu
 and whole-number weights, records stream from the sources straight into shards (memory
 stays flat, reading stops at `max_samples`); otherwise the mix is built in memory, then
 shuffled (seeded) and capped (fine for chat/code sets up to a few million rows).
+
+The key holds what the sources contain, not only their names (`source_fingerprint`): a file
+that grew, an object overwritten under the same key or a Hub revision that moved is read
+again, and the manifest says why (`meta["recompute_reason"]`, with the row counts).
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ Publishing protocol (why an artifact is either complete or absent):
    a directory should be) become `StoreError`; transient I/O errors propagate unchanged so
    the tasks' retry policy can retry them.
 
+Keys that follow content: a stage passes the fingerprints of the external inputs it reads
+(`storage.fingerprint`) to `key()`. Their digests go into the key, the full fingerprints into
+`meta["fingerprints"]`, and `<stage>/_latest/<identity>.json` (identity = the key without
+fingerprints) points at the last key of those same-named inputs, so a new key can say which
+input changed (`meta["recompute_reason"]`, logged).
+
 Two runs publishing the same key at once write identical bytes (keys are content hashes), so
 whichever manifest lands last is as valid as the first: compare-and-publish is not needed.
 """
