@@ -153,9 +153,12 @@ def test_stop_tokens_follow_the_generation_config(
 ) -> None:
     tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
     target = load_target(small_target_dir, dtype="float32", device="cpu")
-    assert stop_token_ids(target, tok) == (tok.eos_token_id,)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    target.generation_config.eos_token_id = [im_end, tok.eos_token_id]  # as chat models ship
+    # the small target (build_small_target) ships both, like chat models
+    assert stop_token_ids(target, tok) == (tok.eos_token_id, im_end)
+    target.generation_config.eos_token_id = tok.eos_token_id
+    assert stop_token_ids(target, tok) == (tok.eos_token_id,)
+    target.generation_config.eos_token_id = [im_end, tok.eos_token_id]
     assert stop_token_ids(target, tok) == (im_end, tok.eos_token_id)
     target.generation_config.eos_token_id = im_end
     assert stop_token_ids(target, tok) == (im_end, tok.eos_token_id)
