@@ -366,11 +366,11 @@ def _cmd_release_history(ns: argparse.Namespace) -> str:
     entries = history(store, ns.name)
     for e in entries:
         tau = "n/a" if e.get("tau") is None else f"{e['tau']:.3f}"
-        mark = "*" if e.get("promoted") else " "
+        mark = "*" if e.get("promoted") else "-"
         print(f"{e.get('at')} {mark} {e.get('action'):8s} tau {tau:>6s} {e.get('export_url')}")
         print(f"    {e.get('reason')}")
     current = show(store, ns.name)["current"]
-    print(f"{len(entries)} entries; * = promoted; current:", file=sys.stderr)
+    print(f"{len(entries)} entries (* promoted, - not); current export:", file=sys.stderr)
     return current["export_url"] if current else ""
 
 

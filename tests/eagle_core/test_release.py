@@ -1,13 +1,12 @@
 """The release stage (eagle_core/release.py): the promotion rule, and the whole stage with
 real speculative decoding on targets and drafts whose acceptance is known exactly.
 
-`_constant_target(c)` is the small test target edited so that greedy decoding emits token
-`c` at every position (one residual dimension is a large constant no layer writes to, and
-the LM head reads only that dimension for `c`); `_constant_draft(c)` is an EAGLE-3 draft
-whose LM head is zero and whose draft vocab starts at `c`, so it always proposes `c`. Their
-acceptance is exact: a draft of the target's token accepts every proposal (τ = 1 + steps
-but for the cut last round), any other draft accepts none (τ = 1). So "the old release's
-τ falls on a new target" and "a worse draft is kept out" are measured, not assumed.
+`constant_target(c)` (tests/release_models.py) is the small test target edited so that
+greedy decoding emits token `c` at every position; `constant_draft(c)` is an EAGLE-3 draft
+that always proposes `c`. Their acceptance is exact: a draft of the target's token accepts
+every proposal (τ = 1 + steps but for the cut last round), any other draft accepts none
+(τ = 1). So "the old release's τ falls on a new target" and "a worse draft is kept out"
+are measured, not assumed.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from eagle_core.release import (
     CURRENT,
@@ -28,8 +26,8 @@ from eagle_core.release import (
     show,
 )
 from storage import ArtifactError, ArtifactStore, StageRef
+from tests.release_models import STEPS, constant_draft, constant_target
 
-STEPS = 3
 PROMPTS = [
     {"id": "f1", "prefix": "def add(a, b):\n    ", "middle": "return a + b", "suffix": "\n"},
     {"id": "f2", "prefix": "import os\n", "middle": "import sys\n", "suffix": "print(1)\n"},
@@ -87,48 +85,6 @@ def test_config_checks():
 
 
 # ---- the stage, with exact acceptance ---------------------------------------------------------
-_DIM = 0  # the residual dimension held constant
-
-
-def _constant_target(small_target_dir: str, out: str, token: int) -> str:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(small_target_dir, dtype=torch.float32)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, _DIM] = 1e4  # dominates every RMSNorm
-        for layer in model.model.layers:  # nothing writes into that dimension
-            layer.self_attn.o_proj.weight[_DIM, :] = 0
-            layer.mlp.down_proj.weight[_DIM, :] = 0
-        model.lm_head.weight[:, _DIM] = 0
-        model.lm_head.weight[token, _DIM] = 10.0  # ~8 * 10 for `token`, ~0 for the rest
-    model.save_pretrained(out)
-    return out
-
-
-def _constant_draft(store: ArtifactStore, target: str, token: int) -> StageRef:
-    """An exported EAGLE-3 draft (vocab: target ids token..token+511) that always proposes
-    `token`: its LM head is zero, so the argmax is draft row 0."""
-    from safetensors.torch import save_file
-
-    from eagle_core.draft import DraftConfig, build_draft
-    from eagle_core.export import ExportConfig, export
-    from eagle_core.models import load_target
-
-    model = load_target(target)
-    cfg = DraftConfig.from_target_config(model.config, draft_vocab_size=512)
-    draft = build_draft(cfg, target_model=model)
-    t2d = torch.zeros(model.config.vocab_size, dtype=torch.bool)
-    t2d[token : token + 512] = True
-    draft.set_vocab_map(torch.full((512,), token, dtype=torch.long), t2d)
-    with torch.no_grad():
-        draft.lm_head.weight.zero_()
-    key = f"const{token}"
-    with store.publish("train", key) as w:
-        w.write_file("final/draft.safetensors", lambda p: save_file(dict(draft.state_dict()), p))
-        w.write_json("final/draft_config.json", cfg.to_dict())
-        w.meta.update(target=target)
-        w.counts.update(final_step_acc=[0.5] * STEPS)  # what evaluate's consistency report reads
-    return export(store, store.ref("train", key), ExportConfig(dtype="float32", target=target))
 
 
 @pytest.mark.slow
@@ -139,9 +95,9 @@ def test_release_stage(small_target_dir, small_tokenizer_dir, tmp_path):
     store = ArtifactStore(str(root))
     prompts = tmp_path / "heldout.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
-    t1 = _constant_target(small_target_dir, str(tmp_path / "t300"), 300)
-    t2 = _constant_target(small_target_dir, str(tmp_path / "t400"), 400)
-    d1, d2, bad = (_constant_draft(store, t, c) for t, c in ((t1, 300), (t2, 400), (t1, 500)))
+    t1 = constant_target(small_target_dir, str(tmp_path / "t300"), 300)
+    t2 = constant_target(small_target_dir, str(tmp_path / "t400"), 400)
+    d1, d2, bad = (constant_draft(store, t, c) for t, c in ((t1, 300), (t2, 400), (t1, 500)))
 
     def on(target: str) -> EvalConfig:
         return EvalConfig(
