@@ -409,6 +409,13 @@ def _cmd_run(ns: argparse.Namespace) -> str:
         update["quick"] = True
     if ns.force:
         update["force"] = sorted(set(params.force) | set(ns.force))
+    if ns.release is not None or ns.release_enabled is not None:
+        release: dict[str, Any] = {}
+        if ns.release is not None:
+            release["name"] = ns.release
+        if ns.release_enabled is not None:
+            release["enabled"] = ns.release_enabled
+        update["release"] = params.release.model_copy(update=release)
     return _run_flow(
         PipelineParams.model_validate(
             {
@@ -650,6 +657,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="", help="artifact root (overrides the config's)")
     p.add_argument("--quick", action="store_true", help="quick preset")
     p.add_argument("--force", action="append", choices=list(STAGES), help="recompute a stage")
+    p.add_argument("--release", default=None, help="release name (overrides the config's)")
+    p.add_argument(
+        "--release-stage",
+        dest="release_enabled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compare with the current release and promote only a draft as good "
+        "(default: the config's release.enabled, on)",
+    )
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("demo", help="the whole DAG on the offline demo target and its data")

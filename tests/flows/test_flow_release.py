@@ -208,3 +208,27 @@ def test_release_in_the_retrain_flow(
     assert shown[-1] == r1["export_url"]
     last = history(store, "serving")[-1]
     assert (last["action"], last["reason"], last["tau"]) == ("manual", "rollback", r1["tau"])
+
+
+def test_run_command_release_options():
+    from flows.cli import build_parser
+
+    ns = build_parser().parse_args(["run", "--release", "llama-chat", "--no-release-stage"])
+    assert (ns.release, ns.release_enabled) == ("llama-chat", False)
+    ns = build_parser().parse_args(["run"])
+    assert (ns.release, ns.release_enabled) == (None, None)  # the config's values stay
+    for action in ("show", "history"):
+        ns = build_parser().parse_args(["release", action, "r1", "--store", "/s"])
+        assert (ns.name, ns.store) == ("r1", "/s")
+    ns = build_parser().parse_args(["release", "promote", "r1", "--export", "/s/export/k"])
+    assert ns.export == "/s/export/k"
+
+
+def test_release_show_without_release_exits_2(tmp_path, capsys):
+    from flows.cli import main
+
+    rc = main(["release", "show", "nothing-yet", "--store", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no promoted export yet" in err and "release promote" in err
+    rc = main(["release", "show", "../x", "--store", str(tmp_path / "s")])
+    assert rc == 2 and "release name" in capsys.readouterr().err
