@@ -155,7 +155,7 @@ def test_speculators_loads_the_shipped_export_and_matches_our_logits(
     ours = _ours(setup, export_dir)
     assert got["logits"].shape == ours.shape == (1, setup["inputs"]["input_ids"].shape[1], 512)
     delta = (got["logits"] - ours).abs().max().item()
-    print(f"speculators 0.9.0 vs ours: max |delta logits| = {delta:.3g}")
+    print(f"speculators 0.9.0 ({info['attn_implementation']}) vs ours: max |delta| = {delta:.3g}")
     assert delta < TOL
     assert torch.equal(got["logits"].argmax(-1), ours.argmax(-1))
     assert torch.equal(got["draft_tokens"], ours.argmax(-1))
