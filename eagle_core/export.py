@@ -74,8 +74,11 @@ class ExportConfig:
         dtype: weight dtype; d2t stays int64 and t2d bool whatever is chosen.
         include_embeddings: also write `embed_tokens.weight` [V, H] (a copy of the target's).
             None (default) means per layout: yes for speculators (speculators' own
-            `SpeculatorModel.from_pretrained` has no other source for them; vLLM skips or
-            shares them), no for eagle3 / eagle1 (SGLang and vLLM take the target's). Resolved
+            `SpeculatorModel.from_pretrained` has no other source for them; vLLM loads them
+            and, when equal to the target's, serves the target's tensor instead: vLLM
+            llama_eagle3.py `Eagle3LlamaForCausalLM.load_weights`, then
+            `SpecDecodeBaseProposer._maybe_share_embeddings`), no for eagle3 / eagle1
+            (SGLang and vLLM take the target's). Resolved
             to a bool on construction, so `dataclasses.replace(cfg, format=...)` keeps the
             resolved value: pass include_embeddings=None again to re-resolve.
         target: the target model reference (Hub name or path); written as the verifier name
