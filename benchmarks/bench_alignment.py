@@ -10,8 +10,13 @@ Same data, steps and seed per pair; `--seeds` seeds each (issue: 3). For each dr
   `tau_predicted` from the serving-faithful conditional rates when the run logged them
   (`tau_predicted_from` says which), `tau_predicted_teacher_forced` from the teacher-forced
   per-step accuracy, each with its gap (measured − predicted).
-Reference = `ttt_alignment="reference"`: loss on `loss_mask[t+k]`, shifted-diagonal TTT
-attention mask (see eagle_core/loss.py); aligned = the pipeline's default.
+Reference = `ttt_alignment="reference"`: what SpecForge 0.2.0 and EAGLE-3's current
+`cnets.py` train (tests/eagle_core/test_specforge_peer.py): the same forward as aligned (RoPE
+t+k, plain causal attention), loss weight `loss_mask[t+k]` and each step's loss divided by
+all B·T positions; aligned = the pipeline's default (the predicted token's mask, divided by
+the weighted positions). See eagle_core/loss.py. Results before 2026-12-04
+(alignment-200steps.json) trained an older "reference" that also used RoPE position t and a
+shifted-diagonal attention mask, which those trainers no longer compute.
 
 Data and the aligned seed-0 draft are shared with `bench_quality` (same store, same keys):
 whatever it already computed is reused.
