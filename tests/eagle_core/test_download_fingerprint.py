@@ -86,3 +86,22 @@ def test_a_source_gone_since_its_download_keeps_its_last_download(tmp_path):
     ref = download(store, cfg)
     os.remove(src)
     assert download(ArtifactStore(store.root), cfg).key == ref.key
+
+
+def test_a_hub_dataset_keys_on_its_commit_resolved_offline(tmp_path, monkeypatch):
+    from eagle_core.download import source_fingerprint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub" / "datasets--org--chats" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    store = ArtifactStore(str(tmp_path / "store"))
+    cfg = DownloadConfig(sources=(SourceSpec(path="org/chats", kind="chat"),))
+    fp = source_fingerprint(cfg.sources[0])
+    assert (fp["kind"], fp["sha"], fp["resolved_by"]) == ("hub", "a" * 40, "cache")
+    before = download_key(store, cfg)
+    (refs / "main").write_text("b" * 40)  # `main` moved: the dataset is read again
+    assert download_key(store, cfg) != before
+    pinned = DownloadConfig(sources=(SourceSpec(path="org/chats", revision="a" * 40),))
+    assert source_fingerprint(pinned.sources[0])["resolved_by"] == "pinned"
