@@ -331,7 +331,8 @@ def _release_lines(entry: dict[str, Any]) -> list[str]:
     if fps.get("target"):
         lines.append(f"target fingerprint: {digest(fps['target'])}")
     for fp in fps.get("data") or []:
-        lines.append(f"data fingerprint:   {digest(fp)} {fp.get('path', '')}".rstrip())
+        where = fp.get("source") or fp.get("path") or "" if isinstance(fp, dict) else ""
+        lines.append(f"data fingerprint:   {digest(fp)} {where}".rstrip())
     return lines
 
 

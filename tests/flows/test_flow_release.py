@@ -167,6 +167,9 @@ def test_release_in_the_retrain_flow(
     assert pointer["export_url"] == r1["export_url"]
     assert pointer["flow_run_id"] == str(first.state_details.flow_run_id)
     assert pointer["keys"]["train"] and pointer["keys"]["download"]
+    if hasattr(store, "lineage_fingerprints"):  # the stages record input fingerprints
+        assert pointer["fingerprints"]["target"]["digest"]
+        assert len(pointer["fingerprints"]["data"]) == 3  # chat, FIM, held-out prompts
 
     # 2. a hand promotion: the constant draft of this target (the CLI's is tested below; it
     # configures the root logger, so it runs after the log lines are checked)
