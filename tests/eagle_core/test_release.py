@@ -176,6 +176,17 @@ def test_release_stage(small_target_dir, small_tokenizer_dir, tmp_path):
     assert gone.decision.promoted and "unusable (its export" in gone.decision.reason
     assert show(store, "default")["current"]["export_url"] == bad.url
 
+    # 7. the target fine-tuned in place (same path, same file sizes, new weights): now it
+    # emits 500, what the current release proposes. Both drafts are measured again on it
+    # (the evaluate keys follow the target's weights), so the release is kept; its cached
+    # τ 1.0 on the old weights would have let d2 (τ 1.0 on the new ones) replace it
+    before = gone.new.evaluate_key
+    constant_target(small_target_dir, t1, 500)
+    kept2 = run(d2, on(t1))
+    assert kept2.current is not None and kept2.current.evaluate_key != before
+    assert kept2.current.tau > 3.0 and kept2.new.tau == 1.0
+    assert kept2.decision.action == "keep" and kept2.current_url == bad.url
+
 
 def _train_key(store: ArtifactStore, export_ref: StageRef) -> str:
     m = store.manifest(export_ref.stage, export_ref.key)
