@@ -85,6 +85,12 @@ class EvalConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # CPU-safe default
     device: str = "cpu"
     seed: int = 0
+    # who decodes: "ours" (eagle_core.speculate, this process) or "vllm" (the engine users
+    # serve with, its own venv; eagle_core/engine_vllm.py): part of the key
+    engine: Literal["ours", "vllm"] = "ours"
+    # the vLLM venv's python; "" = $EAGLE_PIPELINE_VLLM_PYTHON, else `.ci/engine-venv vllm`'s.
+    # Where an engine is installed never changes what it measures: not in the key
+    vllm_python: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.prompts, str):
@@ -103,6 +109,12 @@ class EvalConfig:
                 not (self.mode == "tree" and self.temperature > 0),
                 "mode",
                 "tree drafting verifies greedily: use temperature=0 or mode=chain",
+            ),
+            (self.engine in ("ours", "vllm"), "engine", "use ours or vllm"),
+            (
+                self.engine == "ours" or (self.mode == "chain" and self.temperature == 0),
+                "engine",
+                "engine=vllm measures greedy chain drafting: use mode=chain, temperature=0",
             ),
         ]
         for ok, name, fix in checks:
@@ -650,6 +662,19 @@ def plot_acceptance(report: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def key_params(cfg: EvalConfig) -> Any:
+    """`cfg` as the key sees it: `vllm_python` never counts (where vLLM is installed), and
+    engine="ours" hashes exactly as before the engine field existed (older artifacts keep
+    their keys); engine="vllm" is in the key."""
+    from storage.keys import canonical
+
+    doc = canonical(cfg)
+    doc.pop("vllm_python")
+    if cfg.engine == "ours":
+        doc.pop("engine")
+    return doc
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage
 
@@ -686,7 +711,7 @@ def evaluate(
     from eagle_core.models import load_target, load_tokenizer
 
     extra = [dataclasses.asdict(p) for p in prompts] if prompts is not None else None
-    params: Any = cfg if extra is None else {"cfg": cfg, "prompts": extra}
+    params: Any = key_params(cfg) if extra is None else {"cfg": key_params(cfg), "prompts": extra}
     from storage.fingerprint import model_fingerprint
 
     inputs = [export_ref] if train_ref is None else [export_ref, train_ref]
@@ -725,9 +750,20 @@ def evaluate(
         prompts, skipped = load_prompts(cfg, tokenizer, target_name)
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = store.local_dir(export_ref, os.path.join(tmp, "draft"))
-        draft = load_exported_draft(export_dir, target)
+        draft = load_exported_draft(export_dir, target)  # checks the draft fits the target
         eos = stop_token_ids(target, tokenizer)
-        report = measure(target, draft, list(prompts), cfg, eos_token_id=eos, progress=progress)
+        if cfg.engine == "vllm":
+            from eagle_core.engine_vllm import measure_vllm, vllm_python
+            from eagle_core.models import resolve_model_dir
+
+            python = vllm_python(cfg.vllm_python)
+            del draft, target  # vLLM loads its own copies
+            target_dir = resolve_model_dir(target_name)
+            report = measure_vllm(target_dir, export_dir, list(prompts), cfg, eos, python)
+            if progress is not None:  # one driver call: nothing to report before it ends
+                progress(len(prompts), len(prompts))
+        else:
+            report = measure(target, draft, list(prompts), cfg, eos_token_id=eos, progress=progress)
         report.update(target=target_name, draft=export_ref.url, skipped_prompts=skipped)
         png = os.path.join(tmp, "acceptance.png")
         plot_acceptance(report, png)

@@ -347,6 +347,16 @@ class EvalParams(_Section):
     mode: Literal["chain", "tree"] = Field("chain", description="Drafting: chain or EAGLE-2 tree")
     max_prompts: int = Field(16, ge=1, description="Held-out prompts per kind (chat, FIM)")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt")
+    engine: Literal["ours", "vllm"] = Field(
+        "ours",
+        description="Who decodes: ours (this process) or vllm (the serving engine, its own "
+        "venv from `make engines`; greedy chain drafting)",
+    )
+    vllm_python: str = Field(
+        "",
+        description="engine=vllm: the vLLM venv's python (empty: $EAGLE_PIPELINE_VLLM_PYTHON, "
+        "else the venv `.ci/engine-venv vllm` built)",
+    )
 
     def eval_config(self, *, target: str, tokenizer: str, prompts: list[str]) -> EvalConfig:
         """`prompts`: records artifact URLs the flow downloaded from `self.prompts`."""
@@ -360,6 +370,8 @@ class EvalParams(_Section):
             mode=self.mode,
             max_prompts=self.max_prompts,
             max_new_tokens=self.max_new_tokens,
+            engine=self.engine,
+            vllm_python=self.vllm_python,
         )
 
 
