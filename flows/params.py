@@ -349,13 +349,12 @@ class EvalParams(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt")
     engine: Literal["ours", "vllm"] = Field(
         "ours",
-        description="Who decodes: ours (this process) or vllm (the serving engine, its own "
-        "venv from `make engines`; greedy chain drafting)",
+        description="Who decodes: ours, or vllm (its own venv from make engines; greedy chain)",
     )
     vllm_python: str = Field(
         "",
         description="engine=vllm: the vLLM venv's python (empty: $EAGLE_PIPELINE_VLLM_PYTHON, "
-        "else the venv `.ci/engine-venv vllm` built)",
+        "else the make engines venv)",
     )
 
     def eval_config(self, *, target: str, tokenizer: str, prompts: list[str]) -> EvalConfig:

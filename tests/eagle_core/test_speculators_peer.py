@@ -9,9 +9,10 @@ config (layer count, hidden size) and weights from it. tests/peers/speculators_f
 runs `SpeculatorModel.from_pretrained(<export>)` and one forward in the speculators venv on
 target states and ids this test saves; its step-0 logits must equal our loader's.
 
-Without `embed_tokens.weight` in the export speculators has no correct embeddings (its
-"NaN means not loaded" check never fires under current transformers), which is why the
-speculators layout includes them by default: the second test shows the mismatch.
+Without `embed_tokens.weight` in the export, what speculators embeds with is not defined: in
+one run its embeddings were uninitialised memory (logits off by 1.47), in another (the full
+suite) they equalled the target's. That is why the speculators layout includes them by
+default; no test pins the undefined case.
 """
 
 from __future__ import annotations
@@ -161,19 +162,3 @@ def test_speculators_loads_the_shipped_export_and_matches_our_logits(
     assert torch.equal(got["draft_tokens"], ours.argmax(-1))
     target_emb = setup["target"].get_input_embeddings().weight
     assert torch.equal(got["embed_tokens"], target_emb)
-
-
-def test_without_embeddings_speculators_computes_other_logits(
-    peer_python: str, setup: dict
-) -> None:
-    """The reason for the default: leave embed_tokens out and speculators' draft embeds with
-    whatever its module was initialised to (not the verifier's), so its logits are wrong."""
-    export_dir = _export(setup, include_embeddings=False)
-    assert "embed_tokens.weight" not in load_safetensors_keys(export_dir)
-    _, got = _peer(peer_python, setup, export_dir, "without_embeddings")
-    ours = _ours(setup, export_dir)  # our loader takes the target's embeddings
-    target_emb = setup["target"].get_input_embeddings().weight
-    assert not torch.equal(got["embed_tokens"], target_emb)
-    delta = (got["logits"] - ours).abs().max()
-    print(f"without embed_tokens: max |delta logits| = {delta.item():.3g}")
-    assert not bool(delta < 1e-2)  # NaN (uninitialised memory) counts as a mismatch too
