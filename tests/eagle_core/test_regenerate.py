@@ -139,12 +139,11 @@ def _train_sequences(tok) -> list[tuple[list[int], list[int]]]:
     return seqs
 
 
-@pytest.fixture(scope="module")
-def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer Llama that has memorised the answers above (greedy output is known)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def memorised_model(tok: Any, steps: int, **config: Any) -> Any:
+    """A seeded 2-layer Llama (H=64; `config` overrides, e.g. heads) trained on
+    `_train_sequences` until it has memorised the answers: its greedy output is known."""
+    from transformers import LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
     cfg = tiny_llama_config(
         len(tok),
         hidden_size=64,
@@ -155,6 +154,7 @@ def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactor
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
+        **config,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -169,7 +169,7 @@ def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactor
         labels[i, : len(s)] = torch.where(torch.tensor(m) == 1, torch.tensor(s), -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(120):
+    for _ in range(steps):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -177,6 +177,16 @@ def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactor
         if loss.item() < 0.01:
             break
     assert loss.item() < 0.05, f"memorising target did not converge (loss {loss.item():.3f})"
+    return model
+
+
+@pytest.fixture(scope="module")
+def target_dir(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Llama that has memorised the answers above (greedy output is known)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
+    model = memorised_model(tok, steps=120)
     out = str(tmp_path_factory.mktemp("memorised") / "model")
     model.eval()
     model.save_pretrained(out)

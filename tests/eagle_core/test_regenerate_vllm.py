@@ -20,15 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from eagle_core.regenerate import regenerate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, os.path.dirname(__file__))
 from engines import engine_python  # noqa: E402
-from test_regenerate import _cfg, _read, _records, _server_cfg, _store_records, _train_sequences  # noqa: E402
-from tiny_llama import tiny_llama_config  # noqa: E402
+from test_regenerate import _cfg, _read, _records, _server_cfg, _store_records, memorised_model  # noqa: E402
 
 SERVER_START_TIMEOUT_S = 240  # engine start is 20-50 s on 2 busy cores; import adds ~10 s
 
@@ -36,43 +34,10 @@ SERVER_START_TIMEOUT_S = 240  # engine start is 20-50 s on 2 busy cores; import 
 @pytest.fixture(scope="module")
 def vllm_target(small_tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """test_regenerate's memorising 2-layer Llama, with 2 heads of dim 32."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(small_tokenizer_dir)
-    cfg = tiny_llama_config(
-        len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    seqs = _train_sequences(tok)
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)  # [B, T] right padded
-    labels = torch.full((len(seqs), width), -100)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, m) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        labels[i, : len(s)] = torch.where(torch.tensor(m) == 1, torch.tensor(s), -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(200):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05, f"memorising target did not converge (loss {loss.item():.3f})"
+    model = memorised_model(tok, steps=200, num_attention_heads=2, num_key_value_heads=1)
     model.eval()
     model.generation_config.eos_token_id = [
         tok.eos_token_id,
