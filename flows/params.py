@@ -384,7 +384,7 @@ class ReleaseParams(_Section):
     name: str = Field(
         "default",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-        description="Release name: releases/NAME/current.json in the store names the export to serve",
+        description="Release name: releases/NAME/current.json in the store names the export",
     )
     tolerance: float = Field(
         0.1, ge=0.0, le=10.0, description="Promote when tau_new >= tau_current - tolerance"
